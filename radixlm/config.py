@@ -1,0 +1,122 @@
+"""EngineConfig: every engine option in one frozen, validated dataclass.
+
+CLI flags are generated from these fields (see `radixlm/cli_args.py`), so a new option is added here once,
+with its help text, and appears in `Engine(**options)`, `radixlm serve --flag` and the docs together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_IMPLS = ("auto", "native", "transformers")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # --- model ---
+    model_path: str = _opt(
+        "", "Local model folder or Hugging Face Hub id. Empty: a locally written demo model."
+    )
+    tokenizer_path: str | None = _opt(None, "Tokenizer folder or Hub id (default: the model path).")
+    model_impl: str = _opt(
+        "auto",
+        "auto: a native implementation when one exists, else the Transformers backend; "
+        "native: require a native one; transformers: force the Transformers backend.",
+        choices=MODEL_IMPLS,
+    )
+    trust_remote_code: bool = _opt(False, "Allow a model folder's own modeling code (auto_map) to run.")
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to download.")
+    dtype: str = _opt(
+        "auto",
+        "Weight and activation dtype. auto: the checkpoint's dtype (float32 stays float32).",
+        choices=DTYPES,
+    )
+    device: str = _opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N.")
+    context_length: int | None = _opt(None, "Maximum tokens per sequence (default: from the model config).")
+    chat_template: str | None = _opt(None, "A Jinja chat template, or a path to a file holding one.")
+    # --- memory and scheduling ---
+    max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static).")
+    mem_fraction_static: float | None = _opt(
+        None, "Fraction of free device memory (RAM on CPU) for the KV pool, measured after the weights load."
+    )
+    max_running_requests: int | None = _opt(None, "Maximum requests in the running batch (default 256).")
+    max_prefill_tokens: int = _opt(16384, "Token budget for new prompt tokens admitted in one step.")
+    chunked_prefill_size: int | None = _opt(
+        None,
+        "Largest prompt span computed in one step; -1 disables chunking (default: 8192 on GPU, 1024 on CPU).",
+    )
+    schedule_policy: str = _opt("fcfs", "Order of waiting requests.", choices=SCHEDULE_POLICIES)
+    disable_radix_cache: bool = _opt(False, "Do not reuse KV across requests (no prefix cache).")
+    page_size: int = _opt(1, "Tokens per KV page.")
+    random_seed: int | None = _opt(None, "Seed for requests that do not set one (default: random).")
+    # --- operations ---
+    log_level: str = _opt("info", "Logging level.", choices=LOG_LEVELS)
+    enable_metrics: bool = _opt(False, "Collect Prometheus metrics (served at /metrics).")
+    stream_interval: int = _opt(1, "Send a streaming update every this many tokens.")
+    inline_core: bool = _opt(
+        False, "Run the engine core in the calling process instead of its own process (debugging, tests)."
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("model_impl", self.model_impl, MODEL_IMPLS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        if not isinstance(self.model_path, str):
+            raise TypeError(f"model_path must be a string, got {type(self.model_path).__name__}")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+            _check_positive_int(name, getattr(self, name), optional=True)
+        for name in ("max_prefill_tokens", "page_size", "stream_interval"):
+            _check_positive_int(name, getattr(self, name), optional=False)
+        cps = self.chunked_prefill_size
+        if cps is not None and cps != -1:
+            _check_positive_int("chunked_prefill_size", cps, optional=False)
+        msf = self.mem_fraction_static
+        if msf is not None and not (isinstance(msf, (int, float)) and 0.0 < msf < 1.0):
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {msf!r}")
+        if self.random_seed is not None and (
+            isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
+        ):
+            raise ValueError(f"random_seed must be an integer, got {self.random_seed!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from keyword options; an unknown option is a TypeError that lists the valid ones."""
+        valid = set(cls.field_names())
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(
+                f"unknown Engine option(s) {unknown}; valid options are: {', '.join(sorted(valid))}"
+            )
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

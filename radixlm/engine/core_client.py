@@ -1,0 +1,104 @@
+"""How the Engine front reaches its EngineCore: messages in, outputs and replies back through a callback.
+
+`InlineCoreClient` runs the core loop on a thread of this process. A process-based client speaks the same
+messages (radixlm/engine/ipc.py) over sockets, so the Engine does not care which one it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from radixlm.config import EngineConfig
+from radixlm.engine.core_loop import run_core_loop
+from radixlm.engine.ipc import ControlReply, ControlRequest, CoreFailed
+
+logger = logging.getLogger(__name__)
+
+
+class CoreClientBase:
+    """Control calls with replies (futures keyed by call id); everything else goes to `on_message`."""
+
+    def __init__(self, on_message: Callable[[Any], None]) -> None:
+        self._on_message = on_message
+        self._call_ids = itertools.count()
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self.dead_reason: str | None = None
+        self.model_info: dict[str, Any] = {}
+
+    def send(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    def call(self, method: str, timeout: float | None = 60.0) -> ControlReply:
+        if self.dead_reason is not None:
+            raise RuntimeError(f"the engine core is not running: {self.dead_reason}")
+        fut: Future = Future()
+        with self._lock:
+            call_id = next(self._call_ids)
+            self._pending[call_id] = fut
+        self.send(ControlRequest(call_id, method))
+        return fut.result(timeout=timeout)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, ControlReply):
+            with self._lock:
+                fut = self._pending.pop(msg.call_id, None)
+            if fut is not None:
+                fut.set_result(msg)
+            return
+        if isinstance(msg, CoreFailed):
+            self._mark_dead(msg.error)
+        self._on_message(msg)
+
+    def _mark_dead(self, reason: str) -> None:
+        self.dead_reason = reason
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.set_result(ControlReply(-1, False, error=f"the engine core died: {reason}"))
+
+
+class InlineCoreClient(CoreClientBase):
+    def __init__(self, config: EngineConfig, on_message: Callable[[Any], None]) -> None:
+        super().__init__(on_message)
+        from radixlm.engine.core import EngineCore
+
+        self.core = EngineCore(config)
+        self.model_info = dataclasses.asdict(self.core.runner.info())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="radixlm-core", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: Any) -> None:
+        self._inbox.put(msg)
+
+    def _receive(self, block: bool) -> list[Any]:
+        msgs = []
+        if block:
+            msgs.append(self._inbox.get())
+        while True:
+            try:
+                msgs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def _run(self) -> None:
+        try:
+            run_core_loop(self.core, self._receive, self._dispatch)
+        except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
+            logger.error("engine core crashed:\n%s", traceback.format_exc())
+            self._dispatch(CoreFailed(f"{type(exc).__name__}: {exc}"))
+
+    def shutdown(self) -> None:
+        if self.dead_reason is None and self._thread.is_alive():
+            self.call("shutdown")
+        self._thread.join(timeout=30)
+        self.dead_reason = self.dead_reason or "shut down"

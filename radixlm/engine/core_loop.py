@@ -1,0 +1,78 @@
+"""The EngineCore's event loop, shared by the inline thread and the core process.
+
+wait for messages (block only when idle) -> apply them -> one step -> send its outputs
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from radixlm.engine.core import EngineCore
+from radixlm.engine.ipc import AbortRequest, AddRequest, ControlReply, ControlRequest, StepOutputs
+
+logger = logging.getLogger(__name__)
+
+
+def run_core_loop(
+    core: EngineCore,
+    receive: Callable[[bool], list[Any]],
+    send: Callable[[Any], None],
+) -> None:
+    """Runs until a ControlRequest('shutdown') arrives. `receive(block)` returns pending messages."""
+    while True:
+        for msg in receive(not core.has_work()):
+            if isinstance(msg, ControlRequest) and msg.method == "shutdown":
+                send(ControlReply(msg.call_id, True))
+                return
+            reply = _apply(core, msg)
+            if reply is not None:
+                send(reply)
+        if core.has_work():
+            outputs = core.step()
+            if outputs:
+                send(StepOutputs(outputs))
+
+
+def _apply(core: EngineCore, msg: Any) -> Any:
+    if isinstance(msg, AddRequest):
+        try:
+            core.add_request(
+                msg.rid,
+                msg.input_ids,
+                msg.sampling_params,
+                return_logprob=msg.return_logprob,
+                top_logprobs_num=msg.top_logprobs_num,
+            )
+        except (ValueError, TypeError) as exc:  # the front validates; this is the core's own safety net
+            from radixlm.engine.core import RequestOutput
+
+            reason = {"type": "abort", "message": str(exc)}
+            return StepOutputs([RequestOutput(msg.rid, [], True, reason, len(msg.input_ids), 0, 0)])
+        return None
+    if isinstance(msg, AbortRequest):
+        out = core.abort(msg.rid, msg.message)
+        return StepOutputs([out]) if out is not None else None
+    if isinstance(msg, ControlRequest):
+        return _control(core, msg)
+    logger.error("core: ignoring unknown message %r", msg)
+    return None
+
+
+def _control(core: EngineCore, msg: ControlRequest) -> ControlReply:
+    try:
+        if msg.method == "flush_cache":
+            ok, text = core.flush_cache()
+            return ControlReply(msg.call_id, ok, text)
+        if msg.method == "server_info":
+            return ControlReply(msg.call_id, True, core.server_info())
+        if msg.method == "check":
+            core.check()
+            return ControlReply(msg.call_id, True)
+        return ControlReply(msg.call_id, False, error=f"unknown control method {msg.method!r}")
+    except Exception as exc:  # report, do not kill the core
+        return ControlReply(
+            msg.call_id, False, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        )

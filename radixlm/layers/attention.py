@@ -1,0 +1,70 @@
+"""RadixAttention: the one attention layer that native models and the Transformers backend both call.
+
+It writes the step's new K/V into the KV pool at `forward_batch.out_cache_loc`, then asks the attention
+backend to attend each query over its request's whole KV history (read through req_to_token). Whether the
+history came from a prefix-cache hit, an earlier chunk or earlier decodes makes no difference here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from radixlm.model.forward_batch import ForwardBatch
+
+_FROM_LAYER = object()  # sentinel: "use the value this layer was built with"
+
+
+class RadixAttention(nn.Module):
+    def __init__(
+        self,
+        layer_id: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        *,
+        v_head_dim: int | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.scaling = scaling
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
+        self.softcap = softcap if softcap else None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        forward_batch: ForwardBatch,
+        *,
+        scaling: float | None = None,
+        sliding_window: int | None | object = _FROM_LAYER,
+        softcap: float | None | object = _FROM_LAYER,
+    ) -> torch.Tensor:
+        """q: [T, H*D] or [T, H, D]; k, v: [T, Hkv*D] or [T, Hkv, D]. Returns [T, H * v_head_dim].
+
+        The keyword overrides exist for the Transformers backend, which honours what the model's own
+        attention module passes for this call over what the config said at build time.
+        """
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.v_head_dim)
+        forward_batch.kv_pool.write(self.layer_id, forward_batch.out_cache_loc, k, v)
+        out = forward_batch.attn_backend.forward(
+            q,
+            forward_batch,
+            layer_id=self.layer_id,
+            scaling=self.scaling if scaling is None else scaling,
+            sliding_window=self.sliding_window if sliding_window is _FROM_LAYER else (sliding_window or None),
+            softcap=self.softcap if softcap is _FROM_LAYER else (softcap or None),
+        )
+        return out.reshape(T, self.num_heads * self.v_head_dim)

@@ -1,0 +1,30 @@
+"""The attention backend contract: per-step metadata once, then one call per layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from radixlm.model.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        """Compute whatever every layer of this step shares and store it on `forward_batch.attn_metadata`."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        forward_batch: ForwardBatch,
+        *,
+        layer_id: int,
+        scaling: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """q: [T, H, D]. The step's K/V are already in the pool. Returns [T, H, Dv]."""

@@ -1,0 +1,156 @@
+"""The torch attention backend: runs on any device, and is the reference the GPU kernels are tested against.
+
+Spans are split into two groups, because their shapes differ so much that padding one to the other wastes
+most of the work: decodes (one query each) and extends (prompt chunks). Within a group, every span's
+queries are padded to the longest span and its KV history to the longest history:
+
+    q_pad   [B, Qmax, H, D]     scattered from the packed queries
+    kv_idx  [B, Lmax]           = req_to_token[row, :Lmax]  (slot 0, the null page, past each seq_len)
+    mask    [B, Qmax, Lmax]     kv_pos <= q_pos  (causal over the whole history), and inside the window
+
+Everything is built once per step (`init_forward_metadata`); each layer only gathers its own K/V and runs
+one scaled-dot-product attention per group. No Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from radixlm.layers.attention_backends.base import AttentionBackend
+from radixlm.model.forward_batch import ForwardBatch
+
+
+@dataclass
+class _SpanGroup:
+    token_idx: torch.Tensor  # [N] packed token indices of this group's queries
+    pad_idx: torch.Tensor  # [N] where each query sits in the flattened [B * Qmax] padded layout
+    kv_idx: torch.Tensor  # [B, Lmax] KV slots
+    q_pos: torch.Tensor  # [B, Qmax] absolute query positions (padding rows: 0)
+    valid_q: torch.Tensor  # [B, Qmax] bool
+    num_spans: int
+    max_q: int
+    max_kv: int
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, Qmax, Lmax] bool, cached per window size because layers share it."""
+        if sliding_window not in self._masks:
+            kv_pos = torch.arange(self.max_kv, device=self.q_pos.device)
+            diff = self.q_pos[:, :, None] - kv_pos[None, None, :]
+            allowed = diff >= 0
+            if sliding_window is not None:
+                allowed &= diff < sliding_window
+            # Padding query rows attend to slot 0 only, so softmax never sees an all-masked row (NaN).
+            allowed |= (~self.valid_q)[:, :, None] & (kv_pos == 0)[None, None, :]
+            self._masks[sliding_window] = allowed[:, None]
+        return self._masks[sliding_window]
+
+
+@dataclass
+class TorchAttnMetadata:
+    groups: list[_SpanGroup]
+
+
+class TorchAttnBackend(AttentionBackend):
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        ext = forward_batch.extend_lens
+        is_decode = ext == 1
+        groups = []
+        for sel in (is_decode, ~is_decode):
+            span_ids = torch.nonzero(sel).flatten()
+            if span_ids.numel():
+                groups.append(self._build_group(forward_batch, span_ids))
+        forward_batch.attn_metadata = TorchAttnMetadata(groups)
+
+    @staticmethod
+    def _build_group(fb: ForwardBatch, span_ids: torch.Tensor) -> _SpanGroup:
+        device = fb.input_ids.device
+        ext = fb.extend_lens[span_ids]
+        pre = fb.prefix_lens[span_ids]
+        seq = fb.seq_lens[span_ids]
+        starts_all = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
+        starts = starts_all[span_ids]
+        ext_list = ext.tolist()
+        max_q, max_kv = max(ext_list), int(seq.max())
+        num = len(ext_list)
+        total = int(ext.sum())
+        local_span = torch.repeat_interleave(torch.arange(num, device=device), ext)
+        local_col = torch.arange(total, device=device) - torch.repeat_interleave(
+            torch.cumsum(ext, 0) - ext, ext
+        )
+        token_idx = torch.repeat_interleave(starts, ext) + local_col
+        pad_idx = local_span * max_q + local_col
+        cols = torch.arange(max_q, device=device)
+        valid_q = cols[None, :] < ext[:, None]
+        q_pos = torch.where(valid_q, pre[:, None] + cols[None, :], 0)
+        kv_cols = torch.arange(max_kv, device=device)
+        kv_idx = fb.req_to_token[fb.req_pool_indices[span_ids], :max_kv]
+        kv_idx = torch.where(kv_cols[None, :] < seq[:, None], kv_idx, 0)
+        return _SpanGroup(token_idx, pad_idx, kv_idx, q_pos, valid_q, num, max_q, max_kv)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        forward_batch: ForwardBatch,
+        *,
+        layer_id: int,
+        scaling: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        pool = forward_batch.kv_pool
+        k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
+        T, H, _ = q.shape
+        out = q.new_empty(T, H, v_buf.shape[-1])
+        for g in forward_batch.attn_metadata.groups:
+            out[g.token_idx] = _attend_group(q, k_buf, v_buf, g, scaling, sliding_window, softcap)
+        return out
+
+
+def _attend_group(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    g: _SpanGroup,
+    scaling: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    H, D = q.shape[1], q.shape[2]
+    B, Qm = g.num_spans, g.max_q
+    if Qm == 1:
+        q_pad = q[g.token_idx].view(B, 1, H, D)
+    else:
+        q_pad = q.new_zeros(B * Qm, H, D)
+        q_pad[g.pad_idx] = q[g.token_idx]
+        q_pad = q_pad.view(B, Qm, H, D)
+    k = k_buf[g.kv_idx].to(q.dtype)  # [B, L, Hkv, D]
+    v = v_buf[g.kv_idx].to(q.dtype)
+    mask = g.mask(sliding_window)
+    qh, kh, vh = q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scaling, enable_gqa=kh.shape[1] != H
+        )
+    else:
+        o = _softcapped_attention(qh, kh, vh, mask, scaling, softcap)
+    o = o.transpose(1, 2).reshape(B * Qm, H, -1)
+    return o if Qm == 1 else o[g.pad_idx]
+
+
+def _softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float
+) -> torch.Tensor:
+    # SDPA has no softcap, so this is the explicit form: softcap * tanh(scores / softcap) before the mask.
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)

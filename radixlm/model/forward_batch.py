@@ -1,0 +1,93 @@
+"""ForwardBatch: what one model step computes, as a packed list of spans.
+
+A span is (request, the next k tokens to compute). A decode is a span of 1, a prompt chunk a span of k,
+and a prefix hit simply starts the span later (DESIGN.md invariant 1). All spans are packed into one
+token axis T:
+
+    input_ids / positions / out_cache_loc:   [ span 0 tokens | span 1 tokens | ... ]   (T)
+    req_pool_indices / prefix_lens / extend_lens / seq_lens:  one entry per span      (B)
+    sample_indices: the packed positions whose logits are needed (the last token of spans that sample)
+
+Every attention layer reads this object; the attention backend attaches its per-step metadata
+(`attn_metadata`) once, before the first layer, so that no layer recomputes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from radixlm.cache.kv_pool import KVPool
+    from radixlm.layers.attention_backends.base import AttentionBackend
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
+    out_cache_loc: torch.Tensor  # [T] int64, the KV slot each new token's K/V is written to
+    req_pool_indices: torch.Tensor  # [B] int64, rows of req_to_token
+    prefix_lens: torch.Tensor  # [B] int64, tokens already in the KV cache before this step
+    extend_lens: torch.Tensor  # [B] int64, tokens computed in this step
+    seq_lens: torch.Tensor  # [B] int64, prefix_lens + extend_lens
+    extend_lens_list: list[int]
+    seq_lens_list: list[int]
+    sample_indices: torch.Tensor  # [S] int64, indices into T
+    kv_pool: KVPool
+    req_to_token: torch.Tensor  # [rows, max_context_len] int64
+    attn_backend: AttentionBackend
+    attn_metadata: Any = field(default=None)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens_list)
+
+    @classmethod
+    def from_spans(
+        cls,
+        *,
+        input_ids: list[int],
+        out_cache_loc: torch.Tensor,
+        req_pool_indices: list[int],
+        prefix_lens: list[int],
+        extend_lens: list[int],
+        sample_mask: list[bool],
+        kv_pool: KVPool,
+        req_to_token: torch.Tensor,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+    ) -> ForwardBatch:
+        """Pack spans into tensors with vectorized ops (no Python loop over tokens)."""
+        ext = torch.tensor(extend_lens, dtype=torch.int64)
+        pre = torch.tensor(prefix_lens, dtype=torch.int64)
+        starts = torch.cumsum(ext, 0) - ext
+        total = int(ext.sum())
+        # position of token t = prefix_len(span) + (t - start(span))
+        offsets = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, ext)
+        positions = torch.repeat_interleave(pre, ext) + offsets
+        last = (starts + ext - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
+        seq = pre + ext
+        batch = cls(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+            positions=positions.to(device),
+            out_cache_loc=out_cache_loc.to(device),
+            req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64, device=device),
+            prefix_lens=pre.to(device),
+            extend_lens=ext.to(device),
+            seq_lens=seq.to(device),
+            extend_lens_list=list(extend_lens),
+            seq_lens_list=seq.tolist(),
+            sample_indices=last.to(device),
+            kv_pool=kv_pool,
+            req_to_token=req_to_token,
+            attn_backend=attn_backend,
+        )
+        attn_backend.init_forward_metadata(batch)
+        return batch

@@ -1,0 +1,222 @@
+"""The Transformers modeling backend: any Transformers decoder, with attention routed through RadixAttention.
+
+How it works (DESIGN.md, "The Transformers backend"):
+1. The model class comes from transformers (AutoModelForCausalLM, or the config's `auto_map` class under
+   trust_remote_code) and is built with parameters on the meta device.
+2. A class without `_supports_attention_backend` is refused: its attention modules would not call ours.
+3. Our attention function is registered with transformers' AttentionInterface as "radixlm" and the model is
+   built with `attn_implementation="radixlm"`, so every attention module calls it. Since "radixlm" has no
+   mask function registered, transformers builds no attention mask at all; causality comes from our backend.
+4. Each step calls the base model once on all scheduled tokens packed as one sequence (batch 1), with
+   `position_ids`, `use_cache=False`, and our ForwardBatch passed down through the model's **kwargs.
+5. RoPE, norms, MLPs (MoE, parallel residuals, biases...) all stay transformers' own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radixlm.layers.attention import RadixAttention
+from radixlm.model.forward_batch import ForwardBatch
+from radixlm.model.loader import ModelLoadError, text_config
+
+logger = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "radixlm"
+
+
+def radixlm_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: q [1, H, T, D], k/v [1, Hkv, T, D] -> ([1, T, H, Dv], None)."""
+    forward_batch: ForwardBatch | None = kwargs.get("forward_batch")
+    layers: list[RadixAttention] | None = kwargs.get("radixlm_layers")
+    if forward_batch is None or layers is None:
+        raise RuntimeError(
+            f"{type(module).__name__} called the radixlm attention without a ForwardBatch; "
+            "this model is only runnable through the radixlm engine"
+        )
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise RuntimeError(f"{type(module).__name__} has no layer_idx; radixlm cannot find its KV cache")
+    layer = layers[layer_idx]
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    overrides = {k_: kwargs[k_] for k_ in ("sliding_window", "softcap") if k_ in kwargs}
+    out = layer(q, k, v, forward_batch, scaling=scaling, **overrides)
+    return out.view(1, q.shape[0], layer.num_heads, layer.v_head_dim), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, radixlm_attention_forward)
+
+
+def resolve_model_class(config, model_path: Path, trust_remote_code: bool) -> type:
+    auto_map = getattr(config, "auto_map", None) or {}
+    if "AutoModelForCausalLM" in auto_map:
+        if not trust_remote_code:
+            raise ModelLoadError(
+                f"the model at {model_path} ships its own modeling code; pass trust_remote_code=True "
+                f"(--trust-remote-code) if you trust it"
+            )
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(model_path))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelLoadError(
+            f"transformers has no causal-LM class for config {type(config).__name__} "
+            f"(model_type {getattr(config, 'model_type', '?')!r})"
+        ) from None
+
+
+def check_supports_attention_backend(cls: type) -> None:
+    if not getattr(cls, "_supports_attention_backend", False):
+        raise ModelLoadError(
+            f"{cls.__module__}.{cls.__name__} does not support transformers' attention interface "
+            f"(_supports_attention_backend is not set), so its attention cannot be routed through radixlm; "
+            f"this model cannot run with model_impl='transformers'"
+        )
+
+
+def _layer_windows(cfg, num_layers: int) -> list[int | None]:
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types[:num_layers]]
+    return [window] * num_layers
+
+
+class TransformersCausalLM(nn.Module):
+    """Wraps a Transformers *ForCausalLM with the native-model interface the runner uses."""
+
+    def __init__(self, config, model_path: Path, *, trust_remote_code: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        from radixlm.model.loader import params_on_meta
+
+        cls = resolve_model_class(config, model_path, trust_remote_code)
+        check_supports_attention_backend(cls)
+        _register_attention()
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        with params_on_meta():
+            self.hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
+        self.hf.eval()
+        self.config = config
+        cfg = text_config(config)
+        self.text_config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        softcap = getattr(cfg, "attn_logit_softcapping", None)
+        windows = _layer_windows(cfg, self.num_layers)
+        # Scaling is passed by transformers at every call; this default only documents the usual value.
+        self.attn_layers = [
+            RadixAttention(
+                i,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.head_dim**-0.5,
+                sliding_window=windows[i],
+                softcap=softcap,
+            )
+            for i in range(self.num_layers)
+        ]
+        self._rename = [
+            (re.compile(p), r)
+            for p, r in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items()
+        ]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        out = self.hf.base_model(
+            input_ids=input_ids.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            forward_batch=forward_batch,
+            radixlm_layers=self.attn_layers,
+        )
+        return out.last_hidden_state[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on the sampled rows only, with the model's final-logit transforms."""
+        logits = self.hf.get_output_embeddings()(hidden)
+        cfg = self.text_config
+        logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+        if logit_scale is not None and not isinstance(logit_scale, bool):
+            logits = logits * logit_scale
+        logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides
+        if logits_scaling:
+            logits = logits / logits_scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.hf.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = self._renamed(name)
+            if name not in params:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} does not match any parameter of {type(self.hf).__name__}"
+                )
+            param = params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                )
+            _set_parameter(
+                self.hf, name, tensor.to(param.dtype if param.dtype.is_floating_point else tensor.dtype)
+            )
+            loaded.add("hf." + name)
+        self._tie_if_needed(loaded)
+        return loaded
+
+    def _renamed(self, name: str) -> str:
+        for pattern, repl in self._rename:
+            name, n = pattern.subn(repl, name)
+            if n:
+                break
+        return name
+
+    def _tie_if_needed(self, loaded: set[str]) -> None:
+        out_emb = self.hf.get_output_embeddings()
+        in_emb = self.hf.get_input_embeddings()
+        if out_emb is None or not getattr(self.text_config, "tie_word_embeddings", False):
+            return
+        if out_emb.weight.device.type == "meta":
+            out_emb.weight = in_emb.weight
+        for n, p in self.hf.named_parameters(remove_duplicate=False):
+            if p is in_emb.weight:
+                loaded.add("hf." + n)
+
+
+def _set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)

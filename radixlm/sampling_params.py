@@ -1,0 +1,179 @@
+"""SamplingParams: the user-facing sampling options, and every check on them.
+
+This is the one place where sampling input is validated (DESIGN.md invariant 5): the engine, the
+offline API and the HTTP server all build a SamplingParams, so a bad value is rejected here with a
+ValueError that names the field, and nothing downstream needs to re-check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Temperatures below this are treated as greedy: dividing logits by a near-zero temperature overflows
+# float32 to inf and softmax turns that into NaN, while the limit of such a distribution is the argmax.
+GREEDY_TEMPERATURE_EPS = 1e-6
+
+
+def _field_error(name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"sampling_params.{name} must be {expected}, got {value!r}")
+
+
+def _as_int(name: str, value: Any, expected: str) -> int:
+    # bool is a subclass of int in Python; `max_new_tokens=True` is a bug in the caller, not a 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _field_error(name, expected, value)
+    return int(value)
+
+
+def _as_float(name: str, value: Any, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _field_error(name, expected, value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise _field_error(name, expected, value)
+    return value
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _field_error(name, "a bool", value)
+    return value
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. Validated and normalized in ``__post_init__``; not mutated after."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = -1  # -1 (or 0) disables; else >= 1
+    min_p: float = 0.0  # [0, 1]
+    # transformers' RepetitionPenaltyLogitsProcessor over the unique prompt + output tokens.
+    repetition_penalty: float = 1.0
+    # OpenAI semantics over OUTPUT tokens only: logit -= frequency * count + presence * (count > 0).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # a single str is accepted and becomes [str]
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, "an int >= 0")
+        if self.max_new_tokens < 0:
+            raise _field_error("max_new_tokens", "an int >= 0", self.max_new_tokens)
+
+        expected = f"an int in [0, max_new_tokens={self.max_new_tokens}]"
+        self.min_new_tokens = _as_int("min_new_tokens", self.min_new_tokens, expected)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise _field_error("min_new_tokens", expected, self.min_new_tokens)
+
+        expected = "a finite float >= 0 (0 means greedy)"
+        self.temperature = _as_float("temperature", self.temperature, expected)
+        if self.temperature < 0:
+            raise _field_error("temperature", expected, self.temperature)
+
+        self.top_p = _as_float("top_p", self.top_p, "in (0, 1]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise _field_error("top_p", "in (0, 1]", self.top_p)
+
+        expected = "an int: -1 or 0 to disable, else >= 1"
+        self.top_k = _as_int("top_k", self.top_k, expected)
+        if self.top_k < -1:
+            raise _field_error("top_k", expected, self.top_k)
+        if self.top_k == 0:
+            self.top_k = -1  # one spelling of "disabled" downstream
+
+        self.min_p = _as_float("min_p", self.min_p, "in [0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise _field_error("min_p", "in [0, 1]", self.min_p)
+
+        expected = "a finite float > 0 (1 disables)"
+        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty, expected)
+        if self.repetition_penalty <= 0:
+            raise _field_error("repetition_penalty", expected, self.repetition_penalty)
+
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = _as_float(name, getattr(self, name), "in [-2, 2]")
+            if not -2.0 <= value <= 2.0:
+                raise _field_error(name, "in [-2, 2]", value)
+            setattr(self, name, value)
+
+        self.stop = self._check_stop(self.stop)
+        self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            setattr(self, name, _as_bool(name, getattr(self, name)))
+
+        self.n = _as_int("n", self.n, "an int >= 1")
+        if self.n < 1:
+            raise _field_error("n", "an int >= 1", self.n)
+
+        if self.seed is not None:
+            # Any int is a valid seed: the sampler folds it into 64 bits.
+            self.seed = _as_int("seed", self.seed, "an int or None")
+
+    @staticmethod
+    def _check_stop(stop: Any) -> list[str]:
+        expected = "a non-empty str or a list of non-empty str"
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise _field_error("stop", expected, stop)
+        for s in stop:
+            # An empty stop string would match at every position and end the request at once.
+            if not isinstance(s, str) or not s:
+                raise _field_error("stop", expected, stop)
+        return list(stop)
+
+    @staticmethod
+    def _check_stop_token_ids(ids: Any) -> list[int]:
+        expected = "a list of ints >= 0"
+        if not isinstance(ids, (list, tuple)):
+            raise _field_error("stop_token_ids", expected, ids)
+        out = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+                raise _field_error("stop_token_ids", expected, ids)
+            out.append(int(i))
+        return out
+
+    @classmethod
+    def from_any(cls, obj: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+        """None -> defaults; a SamplingParams -> itself; a mapping -> validated (unknown keys rejected)."""
+        if obj is None:
+            return cls()
+        if isinstance(obj, SamplingParams):
+            return obj
+        if not isinstance(obj, Mapping):
+            raise ValueError(
+                f"sampling_params must be a dict, a SamplingParams or None, got {type(obj).__name__}"
+            )
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in obj if k not in valid]
+        if unknown:
+            # Silently dropping an option would sample differently from what the user asked for.
+            raise ValueError(
+                f"unknown sampling_params key(s) {', '.join(repr(k) for k in unknown)}; "
+                f"valid keys are: {', '.join(valid)}"
+            )
+        return cls(**obj)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_greedy(self) -> bool:
+        # top_k == 1 keeps only the most likely token, which is exactly the argmax.
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1

@@ -1,0 +1,213 @@
+"""TorchAttnBackend against a naive reference: one explicit causal softmax per sequence, in float64.
+
+The KV layout is built the way the engine builds it: slots come from KVPool.alloc (whole pages, with the
+last, partly filled page continued through `last_slot`), and req_to_token lists them in order. Prefixes
+are allocated for every sequence before any extend, so sequences' pages interleave in the pool.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from radixlm.cache.kv_pool import KVPool, ReqToTokenPool
+from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
+from radixlm.model.forward_batch import ForwardBatch
+
+D = 8
+
+
+def _reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    scaling: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [n, H, D] at positions prefix..prefix+n-1; k, v [prefix+n, Hkv, D] at positions 0.. -> [n, H, D]."""
+    n, H, _ = q.shape
+    group = H // k.shape[1]
+    out = torch.zeros(n, H, v.shape[-1], dtype=torch.float64)
+    for i in range(n):
+        pos = prefix + i
+        for h in range(H):
+            kh, vh = k[:, h // group].double(), v[:, h // group].double()
+            scores = (kh @ q[i, h].double()) * scaling
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            for j in range(k.shape[0]):
+                if j > pos or (window is not None and pos - j >= window):
+                    scores[j] = -math.inf
+            out[i, h] = torch.softmax(scores, dim=0) @ vh
+    return out
+
+
+def _check(
+    spans: list[tuple[int, int]],
+    *,
+    page_size: int = 1,
+    heads: tuple[int, int] = (4, 4),
+    window: int | None = None,
+    softcap: float | None = None,
+    seed: int = 0,
+) -> None:
+    """spans: (prefix_len, extend_len) per sequence, all computed in one ForwardBatch."""
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    pool = KVPool(
+        capacity=256,
+        page_size=page_size,
+        num_layers=2,
+        num_kv_heads=Hkv,
+        head_dim=D,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    req = ReqToTokenPool(size=8, max_context_len=64, device="cpu")
+    ks = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
+    vs = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
+    rows, prefix_slots = [], []
+    for (p, _), k, v in zip(spans, ks, vs, strict=True):  # the cached history: earlier steps wrote it
+        rows.append(req.alloc())
+        slots = pool.alloc(p)
+        req.write(rows[-1], 0, slots)
+        pool.write(1, slots, k[:p], v[:p])
+        prefix_slots.append(slots)
+    new_slots = []
+    for (p, e), row, pre, k, v in zip(spans, rows, prefix_slots, ks, vs, strict=True):  # this step's tokens
+        slots = pool.alloc(e, last_slot=int(pre[-1]) if p else None)
+        req.write(row, p, slots)
+        pool.write(1, slots, k[p:], v[p:])
+        new_slots.append(slots)
+    pool.check()
+    total = sum(e for _, e in spans)
+    fb = ForwardBatch.from_spans(
+        input_ids=[0] * total,
+        out_cache_loc=torch.cat(new_slots),
+        req_pool_indices=rows,
+        prefix_lens=[p for p, _ in spans],
+        extend_lens=[e for _, e in spans],
+        sample_mask=[True] * len(spans),
+        kv_pool=pool,
+        req_to_token=req.table,
+        attn_backend=TorchAttnBackend(),
+        device=torch.device("cpu"),
+    )
+    q = 2 * torch.randn(total, H, D, generator=g)  # large enough that softcap and the mask both matter
+    scaling = D**-0.5
+    out = fb.attn_backend.forward(q, fb, layer_id=1, scaling=scaling, sliding_window=window, softcap=softcap)
+    assert out.shape == (total, H, D)
+    start = 0
+    for (p, e), k, v in zip(spans, ks, vs, strict=True):
+        ref = _reference(q[start : start + e], k, v, p, scaling, window, softcap)
+        torch.testing.assert_close(out[start : start + e].double(), ref, atol=2e-5, rtol=1e-5)
+        start += e
+
+
+def test_prefill() -> None:
+    _check([(0, 11)])
+
+
+def test_prefill_over_existing_prefix() -> None:
+    _check([(7, 5)])
+
+
+def test_decode_batch() -> None:
+    _check([(9, 1), (1, 1), (0, 1), (20, 1)])
+
+
+def test_mixed_prefill_extend_and_decode() -> None:
+    _check([(0, 6), (5, 1), (3, 9), (12, 1), (0, 1)])
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1), (6, 3)])
+def test_gqa(heads: tuple[int, int]) -> None:
+    _check([(0, 7), (4, 1), (2, 5)], heads=heads)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_sliding_window(window: int) -> None:
+    _check([(0, 10), (8, 1), (5, 6)], window=window)
+
+
+def test_softcap() -> None:
+    _check([(0, 8), (6, 1), (3, 4)], softcap=2.0)
+
+
+def test_softcap_with_gqa_and_window() -> None:
+    _check([(4, 4), (9, 1)], heads=(4, 2), window=3, softcap=2.0)
+
+
+@pytest.mark.parametrize("spans", [[(0, 9)], [(3, 6)], [(4, 4), (7, 1), (0, 3)], [(5, 1), (6, 1)]])
+def test_page_size_4(spans: list[tuple[int, int]]) -> None:
+    _check(spans, page_size=4, heads=(4, 2))
+
+
+def test_page_size_4_decode_steps_continue_the_last_page() -> None:
+    """A sequence decodes one token per step; each step's slot continues the previous step's page."""
+    Hkv, H, page = 2, 4, 4
+    g = torch.Generator().manual_seed(5)
+    pool = KVPool(
+        capacity=64,
+        page_size=page,
+        num_layers=1,
+        num_kv_heads=Hkv,
+        head_dim=D,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    req = ReqToTokenPool(size=2, max_context_len=32, device="cpu")
+    row = req.alloc()
+    k, v = torch.randn(14, Hkv, D, generator=g), torch.randn(14, Hkv, D, generator=g)
+    last = None
+    for pos in range(14):
+        slot = pool.alloc(1, last_slot=last)
+        if last is not None and last % page != page - 1:
+            assert int(slot) == last + 1  # still inside the page
+        last = int(slot)
+        req.write(row, pos, slot)
+        pool.write(0, slot, k[pos : pos + 1], v[pos : pos + 1])
+        fb = ForwardBatch.from_spans(
+            input_ids=[0],
+            out_cache_loc=slot,
+            req_pool_indices=[row],
+            prefix_lens=[pos],
+            extend_lens=[1],
+            sample_mask=[True],
+            kv_pool=pool,
+            req_to_token=req.table,
+            attn_backend=TorchAttnBackend(),
+            device=torch.device("cpu"),
+        )
+        q = torch.randn(1, H, D, generator=g)
+        out = fb.attn_backend.forward(q, fb, layer_id=0, scaling=D**-0.5, sliding_window=None, softcap=None)
+        ref = _reference(q, k[: pos + 1], v[: pos + 1], pos, D**-0.5, None, None)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    assert pool.num_used_slots == 16  # 14 tokens in 4 whole pages
+    pool.check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 12), st.integers(1, 9)), min_size=1, max_size=5),
+    page_size=st.sampled_from([1, 2, 4]),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 1)]),
+    window=st.one_of(st.none(), st.integers(1, 10)),
+    softcap=st.one_of(st.none(), st.just(3.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_random_span_layouts(
+    spans: list[tuple[int, int]],
+    page_size: int,
+    heads: tuple[int, int],
+    window: int | None,
+    softcap: float | None,
+    seed: int,
+) -> None:
+    _check(spans, page_size=page_size, heads=heads, window=window, softcap=softcap, seed=seed)

@@ -1,0 +1,66 @@
+"""Helpers for comparing radixlm's greedy output with transformers' generate (the oracle)."""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TIE_MARGIN = 1e-3  # DESIGN.md: a step where transformers' own top-2 margin is below this is a tie
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+@lru_cache(maxsize=8)
+def _hf_model(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.generation_config.eos_token_id = None  # generate() would fill a missing EOS from here
+    return model.eval()
+
+
+def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32):
+    """transformers' greedy continuation and its per-step top-2 logit margins."""
+    from transformers import GenerationConfig
+
+    model = _hf_model(str(path), dtype)
+    # No EOS at all (radixlm runs with ignore_eos): min_new_tokens would instead *ban* EOS and change the argmax.
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            generation_config=gen,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    margins = []
+    for logits in out.logits:
+        top2 = torch.topk(logits[0].float(), 2).values
+        margins.append(float(top2[0] - top2[1]))
+    return tokens, margins
+
+
+def assert_greedy_match(ours: list[int], ref: list[int], margins: list[float], label: str = "") -> None:
+    """Token-identical, except that the comparison ends at a tie step (where either choice is right)."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            if margins[i] < TIE_MARGIN:
+                return
+            raise AssertionError(
+                f"{label}: token {i} differs: radixlm {a} vs transformers {b} (margin {margins[i]:.4f}); "
+                f"radixlm {ours} vs transformers {ref}"
+            )
+    assert len(ours) == len(ref), f"{label}: radixlm produced {len(ours)} tokens, transformers {len(ref)}"
