@@ -67,6 +67,7 @@ class EngineCore:
         self._requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.num_steps = 0
+        self.num_tokens_computed = 0  # every token a forward pass computed (prefix hits are not computed)
         self.total_prompt_tokens = 0
         self.total_cached_tokens = 0
 
@@ -134,6 +135,7 @@ class EngineCore:
         if batch is None:
             return outputs
         self.num_steps += 1
+        self.num_tokens_computed += batch.num_tokens
         logits = self.runner.forward(batch)
         sampling_spans = [s for s in batch.spans if s.samples]
         sampled = self._sample(logits, sampling_spans) if sampling_spans else None
@@ -226,6 +228,7 @@ class EngineCore:
             "num_waiting": len(self.scheduler.waiting),
             "num_retractions": self.scheduler.num_retractions,
             "num_steps": self.num_steps,
+            "num_tokens_computed": self.num_tokens_computed,
             "cache_hit_rate": self.total_cached_tokens / max(1, self.total_prompt_tokens),
         }
 

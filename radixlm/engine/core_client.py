@@ -1,7 +1,8 @@
 """How the Engine front reaches its EngineCore: messages in, outputs and replies back through a callback.
 
-`InlineCoreClient` runs the core loop on a thread of this process. A process-based client speaks the same
-messages (radixlm/engine/ipc.py) over sockets, so the Engine does not care which one it has.
+`InlineCoreClient` runs the core loop on a thread of this process; `ProcessCoreClient`
+(radixlm/engine/core_process.py), the default, runs it in a child process and speaks the same messages
+(radixlm/engine/ipc.py) over ZMQ sockets, so the Engine does not care which one it has.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from radixlm.config import EngineConfig
+from radixlm.engine.core import RequestOutput
 from radixlm.engine.core_loop import run_core_loop
-from radixlm.engine.ipc import ControlReply, ControlRequest, CoreFailed
+from radixlm.engine.ipc import AddRequest, ControlReply, ControlRequest, CoreFailed, StepOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,19 @@ class CoreClientBase:
     def send(self, msg: Any) -> None:
         raise NotImplementedError
 
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def is_alive(self) -> bool:
+        return self.dead_reason is None
+
     def call(self, method: str, timeout: float | None = 60.0) -> ControlReply:
-        if self.dead_reason is not None:
-            raise RuntimeError(f"the engine core is not running: {self.dead_reason}")
         fut: Future = Future()
+        # Check and register under the lock that `_mark_dead` takes: a core that dies between the two
+        # would otherwise leave this future unanswered until its timeout.
         with self._lock:
+            if self.dead_reason is not None:
+                raise RuntimeError(f"the engine core is not running: {self.dead_reason}")
             call_id = next(self._call_ids)
             self._pending[call_id] = fut
         self.send(ControlRequest(call_id, method))
@@ -55,15 +65,30 @@ class CoreClientBase:
                 fut.set_result(msg)
             return
         if isinstance(msg, CoreFailed):
-            self._mark_dead(msg.error)
+            if not self._mark_dead(msg.error):
+                return  # already reported: the Engine has failed every request once
         self._on_message(msg)
 
-    def _mark_dead(self, reason: str) -> None:
-        self.dead_reason = reason
+    def _mark_dead(self, reason: str) -> bool:
+        """Record the first reason and answer every pending call; False if already dead."""
         with self._lock:
+            if self.dead_reason is not None:
+                return False
+            self.dead_reason = reason
             pending, self._pending = self._pending, {}
         for fut in pending.values():
             fut.set_result(ControlReply(-1, False, error=f"the engine core died: {reason}"))
+        return True
+
+    def _fail_unsent(self, msg: Any) -> None:
+        """A message that cannot reach a dead core: an AddRequest gets its abort here, so no caller waits.
+
+        Needed for the request that registers just after the CoreFailed fan-out went through the Engine.
+        """
+        if isinstance(msg, AddRequest):
+            reason = {"type": "abort", "message": f"engine core died: {self.dead_reason}"}
+            out = RequestOutput(msg.rid, [], True, reason, len(msg.input_ids), 0, 0)
+            self._on_message(StepOutputs([out]))
 
 
 class InlineCoreClient(CoreClientBase):
@@ -78,6 +103,9 @@ class InlineCoreClient(CoreClientBase):
         self._thread.start()
 
     def send(self, msg: Any) -> None:
+        if self.dead_reason is not None:
+            self._fail_unsent(msg)
+            return
         self._inbox.put(msg)
 
     def _receive(self, block: bool) -> list[Any]:

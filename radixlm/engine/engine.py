@@ -85,9 +85,22 @@ class Engine:
         )
 
     def _make_client(self):
-        from radixlm.engine.core_client import InlineCoreClient
+        if self.config.inline_core:
+            from radixlm.engine.core_client import InlineCoreClient
 
-        return InlineCoreClient(self.config, self._on_core_message)
+            return InlineCoreClient(self.config, self._on_core_message)
+        from radixlm.engine.core_process import ProcessCoreClient
+
+        return ProcessCoreClient(self.config, self._on_core_message)
+
+    def is_alive(self) -> bool:
+        """False once shut down, or once the core process exited (killed, crashed) on its own."""
+        return not self._closed and self._client.is_alive()
+
+    @property
+    def core_pid(self) -> int | None:
+        """The core process's pid (kept after it exits); None when the core runs inline."""
+        return getattr(self._client, "pid", None)
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(
@@ -98,10 +111,11 @@ class Engine:
         stream: bool = False,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """A single prompt returns a dict, a list returns a list; stream=True returns an iterator of dicts."""
         coro = self.async_generate(
-            prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num
+            prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num, rid
         )
         result = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         if stream:
@@ -116,11 +130,33 @@ class Engine:
         stream: bool = False,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
     ) -> Any:
+        """`rid` names the requests (meta_info["id"]) so that `abort_request(rid)` can target them: a string
+        when there is one request, else a list with one id per prompt and sample (prompt-major: with n=2,
+        [p0 s0, p0 s1, p1 s0, ...]). None: fresh random ids."""
         self._check_alive()
         items, single = self._normalize(prompt, input_ids, sampling_params)
         _check_logprob_args(return_logprob, top_logprobs_num)
-        gens = [self._run_one(it, return_logprob, top_logprobs_num, stream) for it in items]
+        if rid is None:
+            rids = [uuid.uuid4().hex for _ in items]
+        else:
+            rids = [rid] if isinstance(rid, str) else rid
+            if (
+                not isinstance(rids, list)
+                or len(rids) != len(items)
+                or not all(isinstance(r, str) and r for r in rids)
+            ):
+                raise ValueError(
+                    f"rid must be a non-empty string for one request, or a list of {len(items)} "
+                    f"non-empty strings (one per prompt and sample), got {rid!r}"
+                )
+            taken = [r for r in rids if r in self._states]
+            if taken or len(set(rids)) != len(rids):
+                raise ValueError(f"request id(s) {taken or rids} are already in use")
+        gens = [
+            self._run_one(it, return_logprob, top_logprobs_num, stream, r) for it, r in zip(items, rids)
+        ]
         if stream:
             return gens[0] if len(gens) == 1 else _merge_streams(gens)
         with tqdm(total=len(gens), desc="generate", disable=len(gens) < PROGRESS_BAR_MIN_REQUESTS) as bar:
@@ -140,10 +176,15 @@ class Engine:
         }
 
     def get_server_info(self) -> dict[str, Any]:
+        self._check_alive()
         reply = self._client.call("server_info")
         if not reply.ok:
             raise RuntimeError(reply.error)
-        return {**reply.result, "config": {k: v for k, v in vars(self.config).items()}}
+        return {
+            **reply.result,
+            "core_pid": self.core_pid,
+            "config": {k: v for k, v in vars(self.config).items()},
+        }
 
     def flush_cache(self) -> dict[str, Any]:
         reply = self._client.call("flush_cache")
@@ -159,12 +200,14 @@ class Engine:
         self._client.send(AbortRequest(rid))
 
     def shutdown(self) -> None:
+        """Stop the core (and its process), then the front's loop. Idempotent; safe in a signal handler."""
         if self._closed:
             return
         self._closed = True
         self._client.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=10)
+        if threading.current_thread() is not self._loop_thread:  # a thread cannot join itself
+            self._loop_thread.join(timeout=10)
 
     def __enter__(self) -> Engine:
         return self
@@ -227,9 +270,11 @@ class Engine:
 
     # ---- one request ---------------------------------------------------------------------------
     async def _run_one(
-        self, item: _Item, return_logprob: bool, top_n: int, stream: bool
+        self, item: _Item, return_logprob: bool, top_n: int, stream: bool, rid: str | None = None
     ) -> AsyncIterator[dict]:
-        rid = uuid.uuid4().hex
+        rid = rid or uuid.uuid4().hex
+        if rid in self._states:  # checked again here: two calls may race between async_generate and now
+            raise ValueError(f"request id {rid!r} is already in use")
         state = _RequestState(
             rid,
             asyncio.get_running_loop(),
@@ -322,8 +367,9 @@ class Engine:
     def _check_alive(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine was shut down")
-        if self._client.dead_reason is not None:
-            raise RuntimeError(f"the engine core is not running: {self._client.dead_reason}")
+        if not self._client.is_alive():
+            reason = self._client.dead_reason or "its process exited"
+            raise RuntimeError(f"the engine core is not running: {reason}")
 
     def _iterate_sync(self, agen: AsyncIterator[dict]) -> Iterator[dict]:
         try:

@@ -158,7 +158,7 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
-    missing = [n for n, p in model.named_parameters() if n not in loaded and p.device.type == "meta"]
+    missing = [n for n, _ in model.named_parameters() if n not in loaded]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise ModelLoadError(f"checkpoint is missing tensor(s): {shown}")

@@ -14,8 +14,12 @@ Pipeline, in the order of transformers' logits processors:
         └─ other rows:   / temperature -> softmax -> top-k -> top-p -> min-p -> seeded exponential race
 
 Randomness is counter-based: the noise for (seed, step, token) is an integer hash of those three
-numbers, so a row's token depends only on its own logits, params, seed and step, never on the
-other rows, the batch size or the order of rows, and no torch RNG state is read or advanced.
+numbers (splitmix64), turned into Exp(1) noise E, and the token is the winner of the exponential
+race argmax(p / E) (equivalent to Gumbel-max). So a row's token depends only on its own logits,
+params, seed and step, never on the other rows, the batch size or the order of rows, and no torch
+RNG state is read or advanced. Every stage computes a row's values with row-local arithmetic, and
+the shortcuts that depend on the rest of the batch (partial topk instead of a sort, gathering the
+sampling rows) give bit-identical results for the row.
 """
 
 from __future__ import annotations
@@ -155,8 +159,8 @@ class SamplingBatch:
         """Build the tensors for one step.
 
         ``seeds`` are the effective seeds (the engine draws one when ``params.seed`` is None).
-        ``prompt_ids`` / ``output_ids`` contents are read only for rows with penalties or an active
-        min_new_tokens ban, so the common case costs O(B) Python work.
+        Only the lengths of ``output_ids`` are read, except for rows with a penalty (which read their
+        tokens, and their prompt's for a repetition penalty), so the common case costs O(B) Python work.
         """
         b = len(params)
         if not (len(seeds) == len(prompt_ids) == len(output_ids) == b):
@@ -339,29 +343,43 @@ def _top_k_top_p_threshold(
     """
     r, v = probs.shape
     k = int(torch.where(top_ks < v, top_ks, 0).max()) if need_top_k else 0
-    stages = [k]
-    if need_top_p:
-        stages = [max(k, _TOP_P_STAGES[0])] + [s for s in _TOP_P_STAGES[1:] if s > max(k, _TOP_P_STAGES[0])]
+    first = max(k, _TOP_P_STAGES[0]) if need_top_p else k
+    stages = [first] + ([s for s in _TOP_P_STAGES if s > first] if need_top_p else [])
     stages = [s for s in stages if s < v // 4]  # past that, sorting beats a partial topk
 
     threshold = torch.empty(r, 1, dtype=probs.dtype, device=probs.device)
-    rows = None  # the rows still unresolved (None: all of them)
+    rows = torch.arange(r, device=probs.device)  # the rows still unresolved
     sub_probs, sub_ks, sub_ps = probs, top_ks, top_ps
-    for kk in stages:
+    to_sort = []
+    for i, kk in enumerate(stages):
         vals = sub_probs.topk(kk, dim=-1, sorted=True).values
         n_keep = _n_keep(vals, v, sub_ks, sub_ps, need_top_k, need_top_p)
-        _store(threshold, rows, _threshold_at(vals, n_keep, v))
+        _store(threshold, None if i == 0 else rows, _threshold_at(vals, n_keep, v))
         if not need_top_p:
             return threshold  # top-k alone always fits in its first stage
         # A top-p row that kept all kk positions and allows more (top_k > kk) may extend past them.
-        short = ((n_keep >= kk) & (sub_ps < 1.0) & (sub_ks > kk)).nonzero().squeeze(1)
-        if short.numel() == 0:
-            return threshold
-        rows = short if rows is None else rows[short]
+        short = (n_keep >= kk) & (sub_ps < 1.0) & (sub_ks > kk)
+        if i + 1 < len(stages):
+            # Skip the next stage for rows that cannot fit in it: its tokens are no likelier than the
+            # last one here, so its mass is at most mass + (next - kk) * last. (This only picks the
+            # path; every path gives the same threshold.)
+            bound = vals.sum(-1) + (stages[i + 1] - kk) * vals[:, -1]
+            hopeless = short & (sub_ks >= v) & (bound < sub_ps)
+            to_sort.append(rows[hopeless])
+            short &= ~hopeless
+        rows = rows[short]
+        if rows.numel() == 0:
+            break
         sub_probs, sub_ks, sub_ps = probs[rows], top_ks[rows], top_ps[rows]
-    vals = sub_probs.sort(dim=-1, descending=True).values
-    n_keep = _n_keep(vals, v, sub_ks, sub_ps, need_top_k, need_top_p)
-    _store(threshold, rows, _threshold_at(vals, n_keep, v))
+    rows = torch.cat([*to_sort, rows])  # the rows that need a full sort
+    if rows.numel():
+        every = rows.numel() == r  # then sort `probs` itself rather than a gathered copy
+        sub_probs, sub_ks, sub_ps = (
+            (probs, top_ks, top_ps) if every else (probs[rows], top_ks[rows], top_ps[rows])
+        )
+        vals = sub_probs.sort(dim=-1, descending=True).values
+        n_keep = _n_keep(vals, v, sub_ks, sub_ps, need_top_k, need_top_p)
+        _store(threshold, None if every else rows, _threshold_at(vals, n_keep, v))
     return threshold
 
 

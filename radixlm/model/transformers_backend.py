@@ -15,7 +15,6 @@ How it works (DESIGN.md, "The Transformers backend"):
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -142,10 +141,11 @@ class TransformersCausalLM(nn.Module):
             )
             for i in range(self.num_layers)
         ]
-        self._rename = [
-            (re.compile(p), r)
-            for p, r in (getattr(cls, "_checkpoint_conversion_mapping", None) or {}).items()
-        ]
+        self._model_cls = cls
+        self._model_path = model_path
+        self._dtype = dtype
+        self._trust_remote_code = trust_remote_code
+        self._renamings, self._needs_converters = _conversion_mapping(self.hf)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
@@ -175,6 +175,10 @@ class TransformersCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self._needs_converters:
+            # The checkpoint format differs from the modules (e.g. per-expert MoE tensors that transformers fuses
+            # on load). transformers' own loader knows every such converter; re-implementing them would drift.
+            return self._load_with_transformers()
         params = dict(self.hf.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -198,11 +202,25 @@ class TransformersCausalLM(nn.Module):
         return loaded
 
     def _renamed(self, name: str) -> str:
-        for pattern, repl in self._rename:
-            name, n = pattern.subn(repl, name)
-            if n:
-                break
-        return name
+        if not self._renamings:
+            return name
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(name, self._renamings)
+
+    def _load_with_transformers(self) -> set[str]:
+        logger.info(
+            "%s: the checkpoint needs transformers' weight converters; loading through from_pretrained",
+            self._model_cls.__name__,
+        )
+        self.hf = self._model_cls.from_pretrained(
+            str(self._model_path),
+            config=self.config,
+            dtype=self._dtype,
+            attn_implementation=ATTN_IMPLEMENTATION,
+            trust_remote_code=self._trust_remote_code,
+        ).eval()
+        return {"hf." + n for n, _ in self.hf.named_parameters(remove_duplicate=False)}
 
     def _tie_if_needed(self, loaded: set[str]) -> None:
         out_emb = self.hf.get_output_embeddings()
@@ -214,6 +232,18 @@ class TransformersCausalLM(nn.Module):
         for n, p in self.hf.named_parameters(remove_duplicate=False):
             if p is in_emb.weight:
                 loaded.add("hf." + n)
+
+
+def _conversion_mapping(model: nn.Module) -> tuple[list, bool]:
+    """transformers' checkpoint renamings for this model, and whether it also needs tensor converters."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # older 5.x layouts: checkpoints then use the module names as they are
+        return [], False
+    mapping = get_model_conversion_mapping(model) or []
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    return renamings, len(renamings) != len(mapping)
 
 
 def _set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:

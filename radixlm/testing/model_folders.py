@@ -17,7 +17,8 @@ chat template) and serve it. So we write such folders ourselves:
 Transformers is our oracle: greedy output must match `generate` on the same folder token for token,
 except at steps whose top-2 logit margin is below 1e-3. Random models have flat logits, so the
 weights are reshaped after init (see `_shape_weights`) to make tests sharp:
-- the final norm is scaled so logits have a std of ~`LOGIT_STD` units (ties become rare);
+- the final norm is scaled so logits have a std of ~`LOGIT_STD` units (ties become rare), with
+  random signs so that tied-embedding models do not just echo their input token;
 - q/k projections are scaled so attention is peaked, not uniform (mask and position bugs show);
 - norm weights and biases are randomised around their neutral values, so an implementation that
   drops a bias, ignores a norm weight or gets Gemma's `1 + w` convention wrong gives other tokens.
@@ -26,6 +27,8 @@ Sizes: `tiny` (hidden 64, 2-4 layers, vocab 2048, float32) runs in milliseconds 
 the Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied
 embeddings) for every architecture, in bfloat16 by default, for benchmarks and GPU runs.
 Both are deterministic: the same (arch, size, seed, dtype) gives byte-identical files.
+Note that bf16 logits are quantised (steps of 0.0625 near 10), so exact top-2 ties do occur with
+0.5b in bf16; load it in float32 for parity-style checks.
 """
 
 from __future__ import annotations

@@ -79,3 +79,17 @@ def test_parity_chunked_prefill_and_retraction(arch: str, impl: str) -> None:
     results = _run(core, prompts, stagger=1)
     _compare(path, prompts, results, f"{arch}/{impl} chunked+small pool")
     assert core.scheduler.num_retractions > 0, "the pool was meant to be small enough to force retraction"
+
+
+EXTRA_ARCHS = ["gemma2", "gpt_neox", "phi3", "mixtral", "qwen2_moe", "olmo2", "granite"]
+
+
+@pytest.mark.parametrize("arch", EXTRA_ARCHS)
+def test_any_decoder_through_transformers_backend(arch: str) -> None:
+    """Softcapping (gemma2), parallel residual + partial rotary + biases (gpt_neox), partial rotary (phi3),
+    MoE with checkpoint converters (mixtral, qwen2_moe), post-norms (olmo2), logit/attention multipliers (granite)."""
+    path = cached_model_folder(arch, "tiny")
+    core = _core(path, "auto", max_total_tokens=4000, chunked_prefill_size=16)
+    assert core.runner.choice.impl == "transformers"
+    prompts = random_prompts(core.runner.vocab_size, LENGTHS, seed=5)
+    _compare(path, prompts, _run(core, prompts, stagger=2), f"{arch}/transformers")

@@ -13,6 +13,7 @@ from radixlm.model.sampler import (
     SamplingBatch,
     apply_penalties,
     exponential_noise,
+    sampling_weights,
     uniform_noise,
 )
 from radixlm.sampling_params import SamplingParams
@@ -157,6 +158,29 @@ def test_token_depends_only_on_own_row_seed_and_step(dtype):
             outputs[pos] = target_output
             out = sample(logits, params, seeds=seeds, prompt_ids=prompts, output_ids=outputs, eos=[1, 2])
             assert out[pos] == alone[0], (trial, b, target_params)
+
+
+def test_truncated_weights_of_a_row_do_not_depend_on_the_path_taken():
+    # Other rows decide whether top-k/top-p run on a partial topk or a full sort, and how large the
+    # topk is; the row's kept set and weights must be bit-identical on every path.
+    g = torch.Generator().manual_seed(11)
+    row = torch.randn(1, V_INV, generator=g) * 3.0
+    p = SamplingParams(temperature=0.9, top_p=0.95, min_p=0.001)
+    others = [
+        [],
+        [SamplingParams(top_k=3000)],  # stage k >= V/4: full sort for everyone
+        [SamplingParams(top_k=700)],  # a first stage of 700 instead of 64
+        [SamplingParams(top_p=0.99)],  # a flat row that needs the per-row sort
+    ]
+    ref = None
+    for extra in others:
+        logits = torch.cat([row, torch.randn(len(extra), V_INV, generator=g) * 0.1])
+        batch = build([p, *extra], vocab_size=V_INV)
+        w = sampling_weights(logits.clone(), batch.temperatures, batch.top_ks, batch.top_ps, batch.min_ps)[0]
+        if ref is None:
+            ref = w
+            assert 64 < int((w > 0).sum()) < 1024  # the nucleus needs the second stage when alone
+        assert torch.equal(w, ref), extra
 
 
 def test_same_seed_and_step_repeat_and_global_rng_untouched():

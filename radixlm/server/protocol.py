@@ -1,0 +1,418 @@
+"""Request and response models: the only place request JSON is checked (DESIGN.md invariant 5).
+
+Types are checked here (strict: `"temperature": "hot"` or `"max_tokens": 3.5` is a 400, not a coercion);
+sampling *values* are checked by SamplingParams, so that the offline API and the server agree on what is
+valid. `to_sampling_params` renames SamplingParams' field names back to the OpenAI names in its messages.
+
+Unknown fields are rejected with a 400 (`extra="forbid"`), as OpenAI itself does ("Unrecognized request
+argument"), instead of vLLM's log-and-ignore: a silently dropped option samples differently from what the
+caller asked for. OpenAI fields we know but do not implement (logit_bias, suffix, tools, ...) are accepted
+only at their no-op values.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from radixlm.sampling_params import SamplingParams
+from radixlm.server.errors import APIError
+
+MAX_TOP_LOGPROBS = 20  # the Engine's limit for top_logprobs_num
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def _check_prompt(value: Any) -> Any:
+    """str | list[str] | list[int] | list[list[int]], with one clear message instead of a union's four."""
+    ok = (
+        isinstance(value, str)
+        or (isinstance(value, list) and value and all(isinstance(p, str) for p in value))
+        or (isinstance(value, list) and value and all(_is_token(t) for t in value))
+        or (
+            isinstance(value, list)
+            and value
+            and all(isinstance(p, list) and all(_is_token(t) for t in p) for p in value)
+        )
+    )
+    if not ok:
+        raise ValueError(
+            "must be a string, a non-empty list of strings, a non-empty list of token ids, "
+            "or a non-empty list of token-id lists"
+        )
+    return value
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(s, str) for s in value)
+    ):
+        return value
+    raise ValueError("must be a string, a list of strings, or null")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    # vLLM's: usage on every chunk. Accepted so clients written for vLLM work; we honour it.
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang/vLLM's extras)."""
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: Any = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None  # recorded by OpenAI for abuse tracking; no effect here
+    logit_bias: dict[str, float] | None = None
+    # SGLang / vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    rid: str | None = Field(default=None, min_length=1)  # SGLang: names the request for /abort_request
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_is_text(cls, value: Any) -> Any:
+        return _check_stop(value)
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _SamplingFields:
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def _sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": self.min_tokens,
+            "temperature": pick(self.temperature, 1.0),
+            "top_p": pick(self.top_p, 1.0),
+            "top_k": pick(self.top_k, -1),
+            "min_p": pick(self.min_p, 0.0),
+            "repetition_penalty": pick(self.repetition_penalty, 1.0),
+            "frequency_penalty": pick(self.frequency_penalty, 0.0),
+            "presence_penalty": pick(self.presence_penalty, 0.0),
+            "stop": pick(self.stop, []),
+            "stop_token_ids": pick(self.stop_token_ids, []),
+            "ignore_eos": self.ignore_eos,
+            "n": self.n,
+            "seed": self.seed,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "no_stop_trim": self.no_stop_trim,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+# SamplingParams' names -> the names a caller of the OpenAI routes used, for error messages.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def to_sampling_params(values: dict[str, Any], names: dict[str, str] | None = None) -> SamplingParams:
+    """Build SamplingParams; its ValueError/TypeError becomes a 400 that names the caller's field."""
+    names = _OPENAI_NAMES if names is None else names
+    try:
+        return SamplingParams.from_any(values)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        match = re.search(r"sampling_params\.(\w+)", message)
+        param = match.group(1) if match else None
+        if param is not None:
+            shown = names.get(param, param)
+            message = message.replace(f"sampling_params.{param}", shown)
+            param = shown
+        raise APIError(400, message, param=param) from exc
+
+
+# ---- /v1/completions --------------------------------------------------------------------------------
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        return _check_prompt(value)
+
+    @model_validator(mode="after")
+    def _completion_only(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (only best_of == n)")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            # Echoing needs prompt logprobs, which the engine does not compute.
+            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        return to_sampling_params(self._sampling_dict(16 if self.max_tokens is None else self.max_tokens))
+
+    def engine_prompt(self) -> dict[str, Any]:
+        """The Engine's `prompt=` (text) or `input_ids=` (token ids) keyword."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], str):
+            return {"prompt": p}
+        return {"input_ids": p}
+
+    @property
+    def num_prompts(self) -> int:
+        p = self.prompt
+        return 1 if isinstance(p, str) or _is_token(p[0]) else len(p)
+
+
+# ---- /v1/chat/completions ---------------------------------------------------------------------------
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        # Most chat templates index string content; text parts are joined as vLLM does.
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        # "developer" is OpenAI's new name for "system"; templates only know the old one.
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _chat_only(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
+
+    def sampling_params(self, context_length: int) -> SamplingParams:
+        # No max given: as many as fit in the context (the engine caps a request at its room).
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return to_sampling_params(self._sampling_dict(context_length if limit is None else limit))
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template() for m in self.messages]
+
+
+# ---- native /generate and management ----------------------------------------------------------------
+class GenerateRequest(_Strict):
+    """SGLang's /generate body. `sampling_params` keys are SamplingParams' own (max_new_tokens, ...)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    rid: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("pass exactly one of text or input_ids")
+        return self
+
+    @property
+    def prompts(self) -> int:
+        if isinstance(self.text, str) or (self.input_ids and _is_token(self.input_ids[0])):
+            return 1
+        return len(self.text if self.text is not None else self.input_ids or [])
+
+    @property
+    def single(self) -> bool:
+        return isinstance(self.text, str) or bool(self.input_ids and _is_token(self.input_ids[0]))
+
+    def sampling_params_list(self) -> list[SamplingParams]:
+        """One validated SamplingParams per prompt (a single dict applies to all)."""
+        sp = self.sampling_params
+        if isinstance(sp, list):
+            if len(sp) != self.prompts:
+                raise APIError(
+                    400,
+                    f"sampling_params has {len(sp)} entries for {self.prompts} prompts",
+                    param="sampling_params",
+                )
+            return [to_sampling_params(p, names={}) for p in sp]
+        return [to_sampling_params(sp or {}, names={})] * self.prompts
+
+
+class AbortRequestBody(_Strict):
+    rid: str = Field(min_length=1)
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None  # SGLang's: the stop string or token id that ended the choice
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "radixlm"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

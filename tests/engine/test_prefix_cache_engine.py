@@ -1,0 +1,155 @@
+"""RadixAttention in the engine: reuse without changing output, eviction, cached_tokens, n>1, policies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixlm.config import EngineConfig
+from radixlm.engine.core import EngineCore
+from radixlm.testing import cached_model_folder
+from tests.parity_utils import assert_greedy_match, hf_greedy
+
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def _core(arch="llama", impl="auto", **kw) -> EngineCore:
+    kw.setdefault("max_total_tokens", 8192)
+    return EngineCore(
+        EngineConfig(
+            model_path=str(cached_model_folder(arch)),
+            model_impl=impl,
+            dtype="float32",
+            inline_core=True,
+            **kw,
+        )
+    )
+
+
+def _run(core: EngineCore, prompts, params=GREEDY, stagger=0) -> dict:
+    outs: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or core.has_work():
+        if pending and (stagger == 0 or step % stagger == 0):
+            take = pending if stagger == 0 else pending[:1]
+            for i, p in take:
+                core.add_request(f"r{i}", p, params)
+            pending = pending[len(take) :]
+        for o in core.step():
+            assert not (o.finish_reason or {}).get("type") == "abort", o.finish_reason
+            outs.setdefault(o.rid, []).extend(o.new_token_ids)
+            cached[o.rid] = o.cached_tokens
+        core.check()
+        step += 1
+    return {
+        "ids": [outs[f"r{i}"] for i in range(len(prompts))],
+        "cached": [cached[f"r{i}"] for i in range(len(prompts))],
+    }
+
+
+def _shared_prompts(seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    sys_a = [rng.randrange(3, 2000) for _ in range(120)]
+    sys_b = [rng.randrange(3, 2000) for _ in range(70)]
+    q = lambda n: [rng.randrange(3, 2000) for _ in range(n)]  # noqa: E731
+    prompts = [sys_a + q(10), sys_a + q(25), sys_b + q(5), sys_a + q(10)[:3], sys_b + q(40)]
+    prompts.append(prompts[0][:60])  # a prefix of another prompt
+    prompts.append(list(prompts[1]))  # the same prompt twice
+    prompts.append(prompts[2] + q(30))  # another prompt extends a whole prompt
+    return prompts
+
+
+@pytest.mark.parametrize("arch,impl", [("llama", "native"), ("gemma3", "transformers")])
+@pytest.mark.parametrize("stagger", [0, 2])
+def test_cache_does_not_change_greedy_output_and_matches_transformers(arch, impl, stagger) -> None:
+    prompts = _shared_prompts()
+    on = _run(_core(arch, impl, chunked_prefill_size=32), prompts, stagger=stagger)
+    off = _run(_core(arch, impl, chunked_prefill_size=32, disable_radix_cache=True), prompts, stagger=stagger)
+    assert on["ids"] == off["ids"]
+    assert sum(on["cached"]) > 0 and sum(off["cached"]) == 0
+    path = cached_model_folder(arch)
+    for i, p in enumerate(prompts):
+        ref, margins = hf_greedy(path, p, GREEDY["max_new_tokens"])
+        assert_greedy_match(on["ids"][i], ref, margins, f"{arch}/{impl} cache on, prompt {i}")
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_eviction_under_pressure_serves_everything(page_size) -> None:
+    rng = random.Random(3)
+    # 3 prefixes cycle through a pool that holds about 4 sequences: 24 * 132 tokens cannot all stay cached
+    prefixes = [[rng.randrange(3, 2000) for _ in range(100)] for _ in range(3)]
+    prompts = [prefixes[i % 3] + [rng.randrange(3, 2000) for _ in range(20)] for i in range(24)]
+    small = _core(max_total_tokens=600, page_size=page_size, chunked_prefill_size=64)
+    got = _run(small, prompts, stagger=1)
+    ref = _run(_core(disable_radix_cache=True), prompts)
+    assert got["ids"] == ref["ids"]
+    assert small.cache.total_size <= small.runner.kv_pool.capacity
+    assert sum(got["cached"]) > 0
+
+
+def test_cached_tokens_reports_a_300_token_prefix() -> None:
+    core = _core()
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 2000) for _ in range(300)]
+    first = _run(core, [prefix + [5, 6, 7]])
+    second = _run(core, [prefix + [9, 10, 11, 12]])
+    assert first["cached"][0] == 0
+    assert second["cached"][0] >= 300
+
+
+def test_n_samples_and_same_wave_requests_compute_a_shared_prompt_once() -> None:
+    rng = random.Random(2)
+    shared = [rng.randrange(3, 2000) for _ in range(200)]
+    core = _core()
+    _run(
+        core,
+        [shared + [rng.randrange(3, 2000) for _ in range(8)] for _ in range(6)],
+        params={**GREEDY, "max_new_tokens": 1},
+    )
+    computed = core.num_tokens_computed
+    # 6 prompts of 208 tokens: without sharing that is 1248 tokens; computed once it is 208 + 5 * 8 (+ small slack)
+    assert computed <= 208 + 5 * 9, computed
+    off = _core(disable_radix_cache=True)
+    _run(
+        off,
+        [shared + [rng.randrange(3, 2000) for _ in range(8)] for _ in range(6)],
+        params={**GREEDY, "max_new_tokens": 1},
+    )
+    assert off.num_tokens_computed >= 6 * 208
+
+
+def test_flush_cache_refuses_while_running_and_empties_when_idle() -> None:
+    core = _core()
+    core.add_request("a", list(range(5, 60)), GREEDY)
+    ok, msg = core.flush_cache()
+    assert not ok and "running" in msg
+    while core.has_work():
+        core.step()
+    assert core.cache.total_size > 0
+    ok, msg = core.flush_cache()
+    assert ok and core.cache.total_size == 0
+    core.check()
+
+
+def test_retraction_keeps_computed_kv_in_the_tree() -> None:
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 2000) for _ in range(90)] for _ in range(8)]
+    params = {**GREEDY, "max_new_tokens": 30}
+    on = _core(max_total_tokens=450, chunked_prefill_size=64)
+    off = _core(max_total_tokens=450, chunked_prefill_size=64, disable_radix_cache=True)
+    got_on, got_off = _run(on, prompts, params), _run(off, prompts, params)
+    assert got_on["ids"] == got_off["ids"]
+    assert on.scheduler.num_retractions > 0 and off.scheduler.num_retractions > 0
+    # resuming from the tree recomputes less than resuming from nothing
+    assert on.num_tokens_computed < off.num_tokens_computed
+
+
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight"])
+def test_policies_keep_output_and_accounting(policy) -> None:
+    prompts = _shared_prompts(seed=9)
+    got = _run(_core(schedule_policy=policy, max_running_requests=3), prompts)
+    ref = _run(_core(disable_radix_cache=True), prompts)
+    assert got["ids"] == ref["ids"]
