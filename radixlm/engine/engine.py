@@ -151,12 +151,12 @@ class Engine:
                     f"rid must be a non-empty string for one request, or a list of {len(items)} "
                     f"non-empty strings (one per prompt and sample), got {rid!r}"
                 )
+            if len(set(rids)) != len(rids):
+                raise ValueError(f"rid holds the same id more than once: {rids}")
             taken = [r for r in rids if r in self._states]
-            if taken or len(set(rids)) != len(rids):
-                raise ValueError(f"request id(s) {taken or rids} are already in use")
-        gens = [
-            self._run_one(it, return_logprob, top_logprobs_num, stream, r) for it, r in zip(items, rids)
-        ]
+            if taken:
+                raise ValueError(f"request id(s) {taken} are already in use")
+        gens = [self._run_one(it, return_logprob, top_logprobs_num, stream, r) for it, r in zip(items, rids)]
         if stream:
             return gens[0] if len(gens) == 1 else _merge_streams(gens)
         with tqdm(total=len(gens), desc="generate", disable=len(gens) < PROGRESS_BAR_MIN_REQUESTS) as bar:
@@ -208,6 +208,10 @@ class Engine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._loop_thread:  # a thread cannot join itself
             self._loop_thread.join(timeout=10)
+            if not self._loop_thread.is_alive():
+                # A sync call after shutdown then fails at once ("Event loop is closed") instead of
+                # waiting forever on a loop that no longer runs.
+                self._loop.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -214,8 +214,11 @@ class Scheduler:
 
     def _shares_prefix_in_progress(self, req: Request, matched: int, in_progress: list[Request]) -> bool:
         tokens = req.tokens
+        # Waiting pays off when the shared part is long, or when it is all this request would compute
+        # anyway (n > 1 copies of one prompt): then it only computes its last token, a step later.
+        enough = min(SHARED_PREFIX_WAIT_THRESHOLD, len(tokens) - 1 - matched)
         for other in in_progress:
-            if _common_prefix_len(tokens, other.tokens) - matched >= SHARED_PREFIX_WAIT_THRESHOLD:
+            if enough > 0 and _common_prefix_len(tokens, other.tokens) - matched >= enough:
                 return True
         return False
 

@@ -46,7 +46,9 @@ class APIError(Exception):
         self.code = code
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
@@ -57,18 +59,26 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     }
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
-def validation_message(errors: list[dict[str, Any]], strip_prefix: tuple[str, ...] = ("body",)) -> tuple[str, str | None]:
+def validation_message(
+    errors: list[dict[str, Any]], strip_prefix: tuple[str, ...] = ("body",)
+) -> tuple[str, str | None]:
     """pydantic errors -> ("field.path: what is wrong; ...", "field.path" of the first)."""
     parts, first = [], None
     for err in errors[:3]:
         loc = [str(x) for x in err.get("loc", ()) if str(x) not in strip_prefix]
+        if err.get("type") == "json_invalid":
+            loc = []  # its loc is a character offset, not a field
         where = ".".join(loc)
         msg = str(err.get("msg", "invalid value"))
-        if err.get("type") == "extra_forbidden":
+        if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # our own validators' text, without pydantic's "Value error, "
+        elif err.get("type") == "extra_forbidden":
             msg = "unknown field (this server rejects fields it does not implement rather than ignore them)"
         elif err.get("type") == "json_invalid":
             msg = f"the body is not valid JSON: {err.get('ctx', {}).get('error', msg)}"

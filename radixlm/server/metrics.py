@@ -24,7 +24,7 @@ from prometheus_client import (
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 2, 5)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 2, 5)
 
 
 class ServerMetrics:
@@ -44,20 +44,33 @@ class ServerMetrics:
 
         self.num_running = gauge("num_running_reqs", "Requests in the running batch.")
         self.num_waiting = gauge("num_queue_reqs", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge("token_usage", "Fraction of KV pool slots in use (running requests + prefix cache).")
+        self.kv_usage = gauge(
+            "token_usage", "Fraction of KV pool slots in use (running requests + prefix cache)."
+        )
         self.kv_used = gauge("kv_used_tokens", "KV pool slots in use.")
         self.cache_size = gauge("cache_tokens", "Tokens held by the prefix cache.")
-        self.cache_hit_rate = gauge("cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.")
+        self.cache_hit_rate = gauge(
+            "cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens."
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
-        self.cached_tokens = counter("cached_tokens", "Prompt tokens of finished requests found in the prefix cache.")
+        self.cached_tokens = counter(
+            "cached_tokens", "Prompt tokens of finished requests found in the prefix cache."
+        )
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self._requests = Counter(
-            "radixlm:num_requests", "Finished requests by finish reason.", [*labels, "finish_reason"], registry=r
+            "radixlm:num_requests",
+            "Finished requests by finish reason.",
+            [*labels, "finish_reason"],
+            registry=r,
         )
         self.model_name = model_name
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.", _ITL_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Request arrival to its last token.", _LATENCY_BUCKETS)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between consecutive output tokens.", _ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Request arrival to its last token.", _LATENCY_BUCKETS
+        )
 
     def refresh(self, info: dict[str, Any]) -> None:
         """Copy the engine's own counters into the gauges (called at scrape time)."""

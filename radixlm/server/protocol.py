@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from radixlm.sampling_params import SamplingParams
 from radixlm.server.errors import APIError
@@ -53,8 +53,10 @@ def _is_token(t: Any) -> bool:
 
 
 def _check_stop(value: Any) -> Any:
-    if value is None or isinstance(value, str) or (
-        isinstance(value, list) and all(isinstance(s, str) for s in value)
+    if (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(s, str) for s in value))
     ):
         return value
     raise ValueError("must be a string, a list of strings, or null")
@@ -143,19 +145,22 @@ class _SamplingFields(_Strict):
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
-def to_sampling_params(values: dict[str, Any], names: dict[str, str] | None = None) -> SamplingParams:
-    """Build SamplingParams; its ValueError/TypeError becomes a 400 that names the caller's field."""
-    names = _OPENAI_NAMES if names is None else names
+def to_sampling_params(values: dict[str, Any], *, openai_names: bool = True) -> SamplingParams:
+    """Build SamplingParams; its ValueError/TypeError becomes a 400 that names the caller's field.
+
+    openai_names: the caller spoke OpenAI's names (max_tokens, top_p) at the top level of its body;
+    otherwise it sent SamplingParams' own keys under `sampling_params` (/generate), and the message is
+    left as it is.
+    """
     try:
         return SamplingParams.from_any(values)
     except (ValueError, TypeError) as exc:
         message = str(exc)
         match = re.search(r"sampling_params\.(\w+)", message)
-        param = match.group(1) if match else None
-        if param is not None:
-            shown = names.get(param, param)
-            message = message.replace(f"sampling_params.{param}", shown)
-            param = shown
+        param = f"sampling_params.{match.group(1)}" if match else "sampling_params"
+        if openai_names and match:
+            param = _OPENAI_NAMES.get(match.group(1), match.group(1))
+            message = message.replace(f"sampling_params.{match.group(1)}", param)
         raise APIError(400, message, param=param) from exc
 
 
@@ -211,11 +216,26 @@ class ChatMessage(_Strict):
     content: str | list[TextPart]
     name: str | None = None
 
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content_shape(cls, value: Any, handler: Any) -> Any:
+        # One message instead of the union's per-branch errors.
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            raise ValueError(
+                'must be a string or a list of text parts [{"type": "text", "text": ...}] '
+                "(only text content is supported)"
+            ) from exc
+
     def to_template(self) -> dict[str, Any]:
         # Most chat templates index string content; text parts are joined as vLLM does.
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
         # "developer" is OpenAI's new name for "system"; templates only know the old one.
-        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        msg: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content,
+        }
         if self.name is not None:
             msg["name"] = self.name
         return msg
@@ -293,8 +313,8 @@ class GenerateRequest(_Strict):
                     f"sampling_params has {len(sp)} entries for {self.prompts} prompts",
                     param="sampling_params",
                 )
-            return [to_sampling_params(p, names={}) for p in sp]
-        return [to_sampling_params(sp or {}, names={})] * self.prompts
+            return [to_sampling_params(p, openai_names=False) for p in sp]
+        return [to_sampling_params(sp or {}, openai_names=False)] * self.prompts
 
 
 class AbortRequestBody(_Strict):

@@ -153,3 +153,15 @@ def test_policies_keep_output_and_accounting(policy) -> None:
     got = _run(_core(schedule_policy=policy, max_running_requests=3), prompts)
     ref = _run(_core(disable_radix_cache=True), prompts)
     assert got["ids"] == ref["ids"]
+
+
+def test_n_copies_of_a_short_prompt_compute_it_once() -> None:
+    core = _core()
+    prompt = list(range(10, 30))  # 20 tokens: shorter than the long-prefix threshold
+    for i in range(4):
+        core.add_request(f"c{i}", prompt, {**GREEDY, "max_new_tokens": 1})
+    while core.has_work():
+        core.step()
+        core.check()
+    # the first copy computes 20 tokens; the other three reuse 19 and compute only their last token
+    assert core.num_tokens_computed == 20 + 3

@@ -1,0 +1,211 @@
+"""FastAPI routes: OpenAI-compatible and native. Thin: parse (protocol.py), call the Engine, format.
+
+    GET  /health              200 while the engine runs; 503 before it is ready or after its core died
+    GET  /health_generate     200 after a 1-token generation succeeds
+    GET  /v1/models           the served model
+    POST /v1/completions      OpenAI completions (text, texts, token ids, token-id lists; stream; n; logprobs)
+    POST /v1/chat/completions OpenAI chat (chat template; stream with include_usage; n; logprobs)
+    POST /generate            SGLang's native route (the Engine's dicts; SSE when streaming)
+    GET  /get_model_info      Engine.get_model_info(): architecture, model_impl and the reason for it, ...
+    GET  /get_server_info     Engine.get_server_info(): KV pool usage, cache size, queue lengths, config
+    POST /flush_cache         empty the prefix cache (refused while requests run)
+    POST /abort_request       {"rid": ...}: abort a request by its rid (or its response id)
+    GET  /metrics             Prometheus text (with --enable-metrics; 404 without)
+
+With --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from radixlm.server.errors import APIError, install_error_handlers
+from radixlm.server.metrics import CONTENT_TYPE, ServerMetrics
+from radixlm.server.native import generate
+from radixlm.server.openai_chat import create_chat_completion
+from radixlm.server.openai_completions import create_completion
+from radixlm.server.protocol import (
+    AbortRequestBody,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+)
+from radixlm.server.serving import ServerContext, dead_reason, engine_alive
+
+logger = logging.getLogger("radixlm.server")
+
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+
+
+def create_app(
+    engine: Any,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    enable_metrics: bool = False,
+    shutdown_engine: bool = True,
+) -> FastAPI:
+    """An app over a built Engine. `shutdown_engine`: shut the Engine down when the app stops."""
+    model_path = str(engine.model_info.get("model_path", "")) if engine is not None else ""
+    name = served_model_name or model_path or "radixlm"
+    ctx = ServerContext(
+        engine=engine,
+        served_model_name=name,
+        api_key=api_key or None,
+        metrics=ServerMetrics(name) if enable_metrics else None,
+        model_aliases={model_path} if model_path else set(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_engine and ctx.engine is not None:
+            # Uvicorn runs this on SIGTERM/SIGINT: stop the core (and its process) before we exit.
+            logger.info("shutting down the engine")
+            await run_in_threadpool(ctx.engine.shutdown)
+
+    app = FastAPI(title="radixlm", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    async def require_api_key(request: Request) -> None:
+        if ctx.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), ctx.api_key.encode()
+        ):
+            raise APIError(
+                401, "invalid or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key"
+            )
+
+    open_routes = APIRouter()
+    routes = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @open_routes.get("/health")
+    async def health() -> Response:
+        ctx.require_engine()
+        return Response(status_code=200)
+
+    @open_routes.get("/metrics")
+    async def metrics() -> Response:
+        if ctx.metrics is None:
+            raise APIError(404, "metrics are off; start the server with --enable-metrics")
+        if ctx.engine is not None and engine_alive(ctx.engine):
+            try:
+                ctx.metrics.refresh(await run_in_threadpool(ctx.engine.get_server_info))
+            except Exception as exc:  # a scrape must not fail because the core is busy or gone
+                logger.warning("metrics: could not read server info: %s", exc)
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @routes.get("/health_generate")
+    async def health_generate() -> Response:
+        engine = ctx.require_engine()
+        try:
+            await asyncio.wait_for(
+                engine.async_generate(
+                    input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0}
+                ),
+                HEALTH_GENERATE_TIMEOUT_S,
+            )
+        except Exception as exc:
+            reason = dead_reason(engine) if not engine_alive(engine) else f"{type(exc).__name__}: {exc}"
+            raise APIError(503, f"the engine could not generate: {reason}", code="engine_unhealthy") from exc
+        return Response(status_code=200)
+
+    @routes.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[_model_card(ctx)]).model_dump(mode="json"))
+
+    @routes.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> JSONResponse:
+        ctx.check_model(model)
+        return JSONResponse(_model_card(ctx).model_dump(mode="json"))
+
+    @routes.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request)
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request)
+
+    @routes.post("/generate")
+    async def generate_route(body: GenerateRequest, request: Request) -> Response:
+        return await generate(ctx, body, request)
+
+    @routes.get("/get_model_info")
+    async def get_model_info() -> JSONResponse:
+        engine = ctx.require_engine()
+        return JSONResponse(
+            {
+                **engine.get_model_info(),
+                "served_model_name": ctx.served_model_name,
+                "core_pid": _core_pid(engine),
+            }
+        )
+
+    @routes.get("/get_server_info")
+    async def get_server_info() -> JSONResponse:
+        engine = ctx.require_engine()
+        info = await _engine_call(ctx, engine.get_server_info)
+        info.setdefault("core_pid", _core_pid(engine))
+        return JSONResponse(info)
+
+    @routes.api_route("/flush_cache", methods=["POST", "GET"])
+    async def flush_cache() -> JSONResponse:
+        engine = ctx.require_engine()
+        result = await _engine_call(ctx, engine.flush_cache)
+        if not result.get("success"):
+            raise APIError(400, str(result.get("message")), code="flush_refused")
+        return JSONResponse(result)
+
+    @routes.post("/abort_request")
+    async def abort_request(body: AbortRequestBody) -> JSONResponse:
+        engine = ctx.require_engine()
+        # A caller knows its rid or the response id; either maps to the Engine's ids. An id we never
+        # saw is passed through as is (it may be an Engine id), and aborting a finished one is a no-op.
+        rids = ctx.active.get(body.rid, [body.rid])
+        for rid in rids:
+            engine.abort_request(rid)
+        return JSONResponse({"success": True, "rids": rids})
+
+    app.include_router(open_routes)
+    app.include_router(routes)
+    return app
+
+
+def _model_card(ctx: ServerContext) -> ModelCard:
+    info = ctx.engine.model_info if ctx.engine is not None else {}
+    return ModelCard(
+        id=ctx.served_model_name, root=info.get("model_path"), max_model_len=info.get("context_length")
+    )
+
+
+def _core_pid(engine: Any) -> int | None:
+    # Set by the process-based core; None when the core runs inline (a thread of this process).
+    pid = getattr(engine, "core_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+async def _engine_call(ctx: ServerContext, fn: Any) -> dict[str, Any]:
+    """A blocking control call to the core, off the event loop; a dead core is a 503."""
+    try:
+        return await run_in_threadpool(fn)
+    except Exception as exc:
+        if ctx.engine is not None and not engine_alive(ctx.engine):
+            raise APIError(
+                503, f"the engine is not running: {dead_reason(ctx.engine)}", code="engine_dead"
+            ) from exc
+        raise

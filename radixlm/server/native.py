@@ -1,0 +1,89 @@
+"""POST /generate: SGLang's native route, answering with the Engine's own dicts.
+
+Not streamed: what `Engine.generate` returns, a dict for one prompt (n=1), else a list in prompt-major
+order. Streamed: SSE `data:` events, each the *cumulative* state of one output so far (its whole text and
+output_ids, like SGLang's /generate, so a client can replace rather than append), with `index` the prompt
+index and `meta_info.id` naming the output; then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from radixlm.server.errors import APIError
+from radixlm.server.protocol import GenerateRequest
+from radixlm.server.serving import (
+    SSE_DONE,
+    ChunkStream,
+    ClientDisconnected,
+    Output,
+    ServerContext,
+    SSEResponse,
+    collect,
+    engine_rids,
+    new_request_id,
+    sse_error,
+    sse_event,
+    unless_disconnected,
+)
+
+
+def _rids(req: GenerateRequest, samples: list[int]) -> tuple[list[str], list[str]]:
+    """Engine ids (one per prompt and sample) and the keys /abort_request accepts for them."""
+    if isinstance(req.rid, list):
+        if len(req.rid) != len(samples):
+            raise APIError(400, f"rid has {len(req.rid)} entries for {len(samples)} prompts", param="rid")
+        rids = [r for rid, n in zip(req.rid, samples) for r in engine_rids(rid, n)]
+        return rids, list(req.rid)
+    base = req.rid or new_request_id("gen")
+    return engine_rids(base, sum(samples)), [base]
+
+
+async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Response:
+    arrival = time.perf_counter()
+    ctx.require_engine()
+    params = req.sampling_params_list()
+    rids, keys = _rids(req, [p.n for p in params])
+    prompt = {"prompt": req.text} if req.text is not None else {"input_ids": req.input_ids}
+    stream = await ctx.open_stream(
+        {
+            **prompt,
+            "sampling_params": params if isinstance(req.sampling_params, list) else params[0],
+            "return_logprob": req.return_logprob,
+            "top_logprobs_num": req.top_logprobs_num,
+        },
+        rids,
+        keys,
+        arrival,
+    )
+    outputs = {rid: Output(rid) for rid in rids}
+    if req.stream:
+        return SSEResponse(_stream(ctx, stream, outputs, req.return_logprob))
+    try:
+        await unless_disconnected(raw, collect(stream, outputs))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    results = [outputs[rid].final_dict(req.return_logprob) for rid in rids]
+    for r in results:
+        ctx.check_failed(r["meta_info"].get("finish_reason"), len(r["output_ids"]))
+    return JSONResponse(results[0] if req.single and len(results) == 1 else results)
+
+
+async def _stream(
+    ctx: ServerContext, stream: ChunkStream, outputs: dict[str, Output], return_logprob: bool
+) -> AsyncIterator[bytes]:
+    try:
+        async for item in stream:
+            out = outputs[item["meta_info"]["id"]]
+            delta = out.add(item)
+            ctx.check_failed(delta.finish_reason, len(out.output_ids))
+            yield sse_event(out.final_dict(return_logprob))
+    except Exception as exc:
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+    yield SSE_DONE

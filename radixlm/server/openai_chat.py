@@ -1,0 +1,179 @@
+"""POST /v1/chat/completions: messages -> the chat template -> n choices, streamed or not.
+
+The prompt is built by `TokenizerManager.apply_chat_template` (the tokenizer's template, or
+--chat-template), so the server and the offline API format conversations identically.
+
+A stream sends, per choice: a first chunk with `delta.role`, content deltas, then a chunk with
+`finish_reason`; then, with `stream_options.include_usage`, one chunk with `usage` and no choices; then
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from radixlm.server.errors import APIError
+from radixlm.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+)
+from radixlm.server.serving import (
+    SSE_DONE,
+    ClientDisconnected,
+    Delta,
+    Output,
+    ServerContext,
+    SSEResponse,
+    collect,
+    engine_rids,
+    new_request_id,
+    openai_finish,
+    sse_error,
+    sse_event,
+    token_text,
+    unless_disconnected,
+    usage_of,
+)
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request) -> Response:
+    arrival = time.perf_counter()
+    ctx.check_model(req.model)
+    engine = ctx.require_engine()
+    params = req.sampling_params(ctx.context_length)
+    try:
+        input_ids = engine.tokenizer_manager.apply_chat_template(req.template_messages())
+    except ValueError as exc:  # no template, or the template rejected the conversation
+        raise APIError(400, str(exc), param="messages") from exc
+    except Exception as exc:  # jinja raises its own errors (raise_exception in templates)
+        raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc
+    request_id = req.rid or new_request_id("chatcmpl")
+    rids = engine_rids(request_id, params.n)
+    top_n = req.top_logprobs or 0
+    stream = await ctx.open_stream(
+        {
+            "input_ids": input_ids,
+            "sampling_params": params,
+            "return_logprob": req.logprobs,
+            "top_logprobs_num": top_n,
+        },
+        rids,
+        [request_id],
+        arrival,
+    )
+    outputs = {rid: Output(rid) for rid in rids}
+    model = req.model or ctx.served_model_name
+    if req.stream:
+        return SSEResponse(_stream(ctx, req, stream, outputs, rids, model, request_id))
+    try:
+        await unless_disconnected(raw, collect(stream, outputs))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    ordered = [outputs[rid] for rid in rids]
+    choices = []
+    for j, out in enumerate(ordered):
+        ctx.check_failed(out.finish_reason, len(out.output_ids))
+        finish, matched = openai_finish(out.finish_reason)
+        logprobs = None
+        if req.logprobs:
+            logprobs = _logprobs(
+                engine, Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, None)
+            )
+        choices.append(
+            ChatChoice(
+                index=j,
+                message=ChatMessageOut(content=out.text),
+                logprobs=logprobs,
+                finish_reason=finish,
+                matched_stop=matched,
+            )
+        )
+    body = ChatCompletionResponse(
+        id=request_id, model=model, choices=choices, usage=usage_of(ordered, params.n)
+    )
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _stream(
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    stream: Any,
+    outputs: dict[str, Output],
+    rids: list[str],
+    model: str,
+    request_id: str,
+) -> AsyncIterator[bytes]:
+    engine = ctx.engine
+    index = {rid: j for j, rid in enumerate(rids)}
+    created = int(time.time())
+    ordered = [outputs[rid] for rid in rids]
+    n = len(rids)
+
+    def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> bytes:
+        body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        data = body.model_dump(mode="json")
+        for c in data["choices"]:
+            # A delta carries only what changed: {"role": ...} first, then {"content": ...}, then {}.
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        return sse_event(data)
+
+    try:
+        for j in range(n):
+            yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+        async for item in stream:
+            rid = item["meta_info"]["id"]
+            delta = outputs[rid].add(item)
+            ctx.check_failed(delta.finish_reason, len(outputs[rid].output_ids))
+            # Tokens that decode to no text yet (half a UTF-8 character) make no chunk unless their
+            # logprobs were asked for.
+            if not delta.text and delta.finish_reason is None and not (req.logprobs and delta.token_ids):
+                continue
+            finish, matched = openai_finish(delta.finish_reason)
+            choice = ChatChunkChoice(
+                index=index[rid],
+                delta=DeltaMessage(content=delta.text or None),
+                logprobs=_logprobs(engine, delta) if req.logprobs else None,
+                finish_reason=finish,
+                matched_stop=matched,
+            )
+            # usage_of counts each prompt once: all choices here share one prompt, so n is len(rids).
+            yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
+        if req.include_usage:
+            yield chunk([], usage_of(ordered, n))
+    except Exception as exc:
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+    yield SSE_DONE
+
+
+def _logprobs(engine: Any, delta: Delta) -> ChoiceLogprobs:
+    content = []
+    for i, (lp, tid, _) in enumerate(delta.logprobs):
+        text = token_text(engine, int(tid))
+        tops = delta.top_logprobs[i] if i < len(delta.top_logprobs) else []
+        content.append(
+            TokenLogprob(
+                token=text,
+                logprob=lp,
+                bytes=list(text.encode()),
+                top_logprobs=[
+                    TopLogprob(token=(t := token_text(engine, int(tok))), logprob=v, bytes=list(t.encode()))
+                    for v, tok, _ in tops
+                ],
+            )
+        )
+    return ChoiceLogprobs(content=content)

@@ -1,0 +1,174 @@
+"""POST /v1/completions: prompts (text or token ids) x n samples -> choices, streamed or not.
+
+Choice `index` is prompt-major, as OpenAI numbers them: prompt i, sample k -> i * n + k. Each choice is
+one Engine request whose id is `<response id>-<index>` (or the response id itself when there is one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from radixlm.server.protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from radixlm.server.serving import (
+    SSE_DONE,
+    ClientDisconnected,
+    Delta,
+    Output,
+    ServerContext,
+    SSEResponse,
+    collect,
+    engine_rids,
+    new_request_id,
+    openai_finish,
+    sse_error,
+    sse_event,
+    token_text,
+    unless_disconnected,
+    usage_of,
+)
+
+
+async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request) -> Response:
+    arrival = time.perf_counter()
+    ctx.check_model(req.model)
+    engine = ctx.require_engine()
+    params = req.sampling_params()
+    request_id = req.rid or new_request_id("cmpl")
+    rids = engine_rids(request_id, req.num_prompts * params.n)
+    return_logprob = req.logprobs is not None
+    stream = await ctx.open_stream(
+        {
+            **req.engine_prompt(),
+            "sampling_params": params,
+            "return_logprob": return_logprob,
+            "top_logprobs_num": req.logprobs or 0,
+        },
+        rids,
+        [request_id],
+        arrival,
+    )
+    outputs = {rid: Output(rid) for rid in rids}
+    prefixes = _echo_prefixes(engine, req, params.n) if req.echo else [""] * len(rids)
+    model = req.model or ctx.served_model_name
+    if req.stream:
+        return SSEResponse(_stream(ctx, req, stream, outputs, rids, prefixes, model, request_id, params.n))
+    try:
+        await unless_disconnected(raw, collect(stream, outputs))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    ordered = [outputs[rid] for rid in rids]
+    choices = []
+    for j, out in enumerate(ordered):
+        ctx.check_failed(out.finish_reason, len(out.output_ids))
+        finish, matched = openai_finish(out.finish_reason)
+        logprobs = None
+        if return_logprob:
+            delta = Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, None)
+            logprobs = _logprobs(engine, delta, req.logprobs or 0, offset=len(prefixes[j]))
+        choices.append(
+            CompletionChoice(
+                index=j,
+                text=prefixes[j] + out.text,
+                logprobs=logprobs,
+                finish_reason=finish,
+                matched_stop=matched,
+            )
+        )
+    body = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(ordered, params.n))
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+async def _stream(
+    ctx: ServerContext,
+    req: CompletionRequest,
+    stream: Any,
+    outputs: dict[str, Output],
+    rids: list[str],
+    prefixes: list[str],
+    model: str,
+    request_id: str,
+    n: int,
+) -> AsyncIterator[bytes]:
+    engine = ctx.engine
+    index = {rid: j for j, rid in enumerate(rids)}
+    offsets = [len(p) for p in prefixes]
+    created = int(time.time())
+    ordered = [outputs[rid] for rid in rids]
+
+    def chunk(choices: list[CompletionChoice], usage: Any = None) -> bytes:
+        body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        return sse_event(body.model_dump(mode="json"))
+
+    try:
+        for j, prefix in enumerate(prefixes):
+            if prefix:
+                yield chunk([CompletionChoice(index=j, text=prefix)])
+        async for item in stream:
+            rid = item["meta_info"]["id"]
+            j = index[rid]
+            delta = outputs[rid].add(item)
+            ctx.check_failed(delta.finish_reason, len(outputs[rid].output_ids))
+            # Tokens that decode to no text yet (half a UTF-8 character) make no chunk unless their
+            # logprobs were asked for.
+            if (
+                not delta.text
+                and delta.finish_reason is None
+                and not (req.logprobs is not None and delta.token_ids)
+            ):
+                continue
+            finish, matched = openai_finish(delta.finish_reason)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _logprobs(engine, delta, req.logprobs, offset=offsets[j])
+                offsets[j] += len(delta.text)
+            choice = CompletionChoice(
+                index=j, text=delta.text, logprobs=logprobs, finish_reason=finish, matched_stop=matched
+            )
+            yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
+        if req.include_usage:
+            yield chunk([], usage_of(ordered, n))
+    except Exception as exc:
+        yield sse_error(exc)
+    finally:
+        await stream.aclose()
+    yield SSE_DONE
+
+
+def _echo_prefixes(engine: Any, req: CompletionRequest, n: int) -> list[str]:
+    """The prompt text to put before each choice's output (token-id prompts are decoded)."""
+    p = req.prompt
+    prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else p
+    texts = [
+        q if isinstance(q, str) else engine.tokenizer_manager.decode(q, skip_special_tokens=False)
+        for q in prompts
+    ]
+    return [t for t in texts for _ in range(n)]
+
+
+def _logprobs(engine: Any, delta: Delta, top_n: int, offset: int) -> CompletionLogprobs:
+    """The legacy completions format: parallel lists per token, top_logprobs as {token: logprob}."""
+    tokens = [token_text(engine, tid) for tid in delta.token_ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    tops = None
+    if top_n:
+        tops = [{token_text(engine, int(t)): lp for lp, t, _ in entry} for entry in delta.top_logprobs]
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[entry[0] for entry in delta.logprobs],
+        top_logprobs=tops,
+        text_offset=offsets,
+    )
