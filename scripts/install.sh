@@ -6,7 +6,7 @@
 # an unpinned `torch` pulls several GB of CUDA wheels even on a CPU-only machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras="${1:-}"
+extras="${RADIXLM_EXTRAS:-}"  # e.g. "test"; an env var because this file is sourced with the caller's arguments
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv --system-site-packages .venv
 fi

@@ -2,7 +2,7 @@
 # Quick start 2/2: install with the test extras, then run the test suite (CPU; GPU-only tests skip).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-. scripts/install.sh test
+RADIXLM_EXTRAS=test . scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check radixlm tests
 exec python -m pytest tests "$@"
