@@ -59,9 +59,6 @@ SHUTDOWN_TIMEOUT_S = 30.0  # the core answers after its current step; a CPU step
 PARENT_POLL_S = 0.5  # how often the child's watchdog checks that its parent is still there
 LOG_FORMAT = "[radixlm core %(asctime)s %(levelname)s] %(message)s"  # the Engine's format, tagged "core"
 LOG_DATEFMT = "%H:%M:%S"
-# A startup failure crosses the socket as CoreFailed("<Kind>: <message>"); the parent raises <Kind> again,
-# so a bad model path is the same ModelLoadError (a ValueError) as in inline mode. Other kinds: RuntimeError.
-_STARTUP_KINDS = ("ModelLoadError", "ValueError", "TypeError")
 _MAX_IPC_PATH = 100  # sun_path holds 107 bytes on Linux (103 on macOS), with "ipc://" not counted
 
 
@@ -79,8 +76,9 @@ def run_core_process(
     # (shutdown, or its atexit hook), so a KeyboardInterrupt here would only turn a clean stop into a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _setup_child_logging(log_level)
+    socket_dir = os.path.dirname(request_addr.removeprefix("ipc://"))
     threading.Thread(
-        target=_watch_parent, args=(parent_pid,), name="radixlm-core-watchdog", daemon=True
+        target=_watch_parent, args=(parent_pid, socket_dir), name="radixlm-core-watchdog", daemon=True
     ).start()
 
     import torch
@@ -146,6 +144,8 @@ def _receive(sock: zmq.Socket, block: bool) -> list[Any]:
 
 
 def _startup_error(exc: BaseException) -> str:
+    """CoreFailed text "<Kind>: <message>": the parent raises <Kind> again (`_startup_message`), so a bad
+    model path is the same ModelLoadError (a ValueError) as in inline mode. Unexpected kinds: RuntimeError."""
     from radixlm.model.loader import ModelLoadError
 
     if isinstance(exc, ModelLoadError):
@@ -161,12 +161,15 @@ def _startup_error(exc: BaseException) -> str:
     return f"{kind}: {exc}" if name == kind else f"{kind}: {name}: {exc}"
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, socket_dir: str) -> None:
     # When the parent dies (even by SIGKILL, with no chance to clean up) the child is re-parented: then
-    # leave at once. os._exit, because the main thread may be inside a long torch op or a blocking recv.
+    # leave at once, removing the socket folder the parent cannot. os._exit, because the main thread may
+    # be inside a long torch op or a blocking recv.
     while os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_S)
     logger.warning("the engine's process %d exited; the engine core exits too", parent_pid)
+    shutil.rmtree(socket_dir, ignore_errors=True)
+    logging.shutdown()
     os._exit(1)
 
 
@@ -414,7 +417,8 @@ def _shutdown_at_exit(ref: weakref.ref) -> None:
     client = ref()
     if client is not None:
         client._atexit_hook = None  # we are that hook; do not unregister it while atexit runs it
-        with contextlib.suppress(Exception):
+        try:
             client.shutdown(timeout=5.0)
-        with contextlib.suppress(Exception):
-            client._dispose(graceful=False)  # also when a signal cut an earlier shutdown short
+        except BaseException:  # even a second Ctrl-C must not skip the kill below
+            pass
+        client._dispose(graceful=False)  # also when a signal cut an earlier shutdown short

@@ -67,9 +67,15 @@ class Engine:
         self._client = self._make_client()
         self.model_info = self._client.model_info
         tok_path = self.config.tokenizer_path or self.model_info["model_path"]
-        self.tokenizer_manager = TokenizerManager(
-            tok_path, chat_template=self.config.chat_template, trust_remote_code=self.config.trust_remote_code
-        )
+        try:
+            self.tokenizer_manager = TokenizerManager(
+                tok_path,
+                chat_template=self.config.chat_template,
+                trust_remote_code=self.config.trust_remote_code,
+            )
+        except Exception:
+            self._client.shutdown()  # do not leave a core running for an Engine that never existed
+            raise
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="radixlm-engine-loop", daemon=True
@@ -114,6 +120,7 @@ class Engine:
         rid: str | list[str] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """A single prompt returns a dict, a list returns a list; stream=True returns an iterator of dicts."""
+        self._check_alive()  # before touching the private loop, which is closed after shutdown()
         coro = self.async_generate(
             prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num, rid
         )

@@ -160,3 +160,13 @@ def test_model_info_and_flush_cache(llm) -> None:
     assert llm.flush_cache()["success"] is True
     server = llm.get_server_info()
     assert server["cache_size"] == 0 and server["kv_used"] == 0
+
+
+def test_generate_after_shutdown_fails_fast() -> None:
+    engine = Engine(
+        model_path=str(cached_model_folder("qwen2")), dtype="float32", max_total_tokens=1024, inline_core=True
+    )
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.generate(prompt="x")
+    engine.shutdown()  # idempotent
