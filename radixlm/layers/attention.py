@@ -66,5 +66,7 @@ class RadixAttention(nn.Module):
             scaling=self.scaling if scaling is None else scaling,
             sliding_window=self.sliding_window if sliding_window is _FROM_LAYER else (sliding_window or None),
             softcap=self.softcap if softcap is _FROM_LAYER else (softcap or None),
+            k=k,
+            v=v,
         )
         return out.reshape(T, self.num_heads * self.v_head_dim)

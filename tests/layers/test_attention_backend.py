@@ -103,6 +103,14 @@ def _check(
     scaling = D**-0.5
     out = fb.attn_backend.forward(q, fb, layer_id=1, scaling=scaling, sliding_window=window, softcap=softcap)
     assert out.shape == (total, H, D)
+    # the same step with the new K/V handed over directly (the path RadixAttention takes)
+    k_step = torch.cat([k[p:] for (p, _), k in zip(spans, ks, strict=True)])
+    v_step = torch.cat([v[p:] for (p, _), v in zip(spans, vs, strict=True)])
+    fb.attn_backend.init_forward_metadata(fb)
+    direct = fb.attn_backend.forward(
+        q, fb, layer_id=1, scaling=scaling, sliding_window=window, softcap=softcap, k=k_step, v=v_step
+    )
+    torch.testing.assert_close(direct, out, atol=1e-5, rtol=1e-5)
     start = 0
     for (p, e), k, v in zip(spans, ks, vs, strict=True):
         ref = _reference(q[start : start + e], k, v, p, scaling, window, softcap)

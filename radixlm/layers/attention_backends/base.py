@@ -26,5 +26,8 @@ class AttentionBackend(ABC):
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D]. The step's K/V are already in the pool. Returns [T, H, Dv]."""
+        """q: [T, H, D]. The step's K/V are already in the pool; k/v [T, Hkv, D], when given, are the same
+        values, which a backend may read instead of gathering them back. Returns [T, H, Dv]."""

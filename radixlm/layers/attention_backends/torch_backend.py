@@ -50,20 +50,49 @@ class _SpanGroup:
 
 
 @dataclass
+class _ExtendSpan:
+    """One prompt span, attended on its own: no padding against other spans of different lengths."""
+
+    start: int  # packed token range [start, end)
+    end: int
+    prefix: int  # tokens of this sequence already in the pool
+    kv_idx: torch.Tensor  # [prefix + len] slots of the sequence, read when the step's own K/V are not enough
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+        """[1, 1, len, prefix + len] bool: causal over the whole history, inside the window."""
+        if sliding_window not in self._masks:
+            q_pos = self.prefix + torch.arange(self.end - self.start, device=device)
+            kv_pos = torch.arange(self.prefix + self.end - self.start, device=device)
+            diff = q_pos[:, None] - kv_pos[None, :]
+            allowed = diff >= 0
+            if sliding_window is not None:
+                allowed &= diff < sliding_window
+            self._masks[sliding_window] = allowed[None, None]
+        return self._masks[sliding_window]
+
+
+@dataclass
 class TorchAttnMetadata:
-    groups: list[_SpanGroup]
+    decode: _SpanGroup | None
+    extends: list[_ExtendSpan]
 
 
 class TorchAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
-        ext = forward_batch.extend_lens
-        is_decode = ext == 1
-        groups = []
-        for sel in (is_decode, ~is_decode):
-            span_ids = torch.nonzero(sel).flatten()
-            if span_ids.numel():
-                groups.append(self._build_group(forward_batch, span_ids))
-        forward_batch.attn_metadata = TorchAttnMetadata(groups)
+        fb = forward_batch
+        decode_ids = torch.nonzero(fb.extend_lens == 1).flatten()
+        decode = self._build_group(fb, decode_ids) if decode_ids.numel() else None
+        extends = []
+        start = 0
+        prefix_list = fb.prefix_lens.tolist()
+        rows = fb.req_pool_indices.tolist()
+        for i, n in enumerate(fb.extend_lens_list):
+            if n > 1:
+                p = prefix_list[i]
+                extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n]))
+            start += n
+        fb.attn_metadata = TorchAttnMetadata(decode, extends)
 
     @staticmethod
     def _build_group(fb: ForwardBatch, span_ids: torch.Tensor) -> _SpanGroup:
@@ -100,14 +129,52 @@ class TorchAttnBackend(AttentionBackend):
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
     ) -> torch.Tensor:
         pool = forward_batch.kv_pool
         k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
         T, H, _ = q.shape
+        meta: TorchAttnMetadata = forward_batch.attn_metadata
         out = q.new_empty(T, H, v_buf.shape[-1])
-        for g in forward_batch.attn_metadata.groups:
-            out[g.token_idx] = _attend_group(q, k_buf, v_buf, g, scaling, sliding_window, softcap)
+        if meta.decode is not None:
+            out[meta.decode.token_idx] = _attend_group(
+                q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap
+            )
+        # A Python loop over prompt spans (a few per step), never over tokens.
+        for sp in meta.extends:
+            out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, scaling, sliding_window, softcap)
         return out
+
+
+def _attend_span(
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    sp: _ExtendSpan,
+    scaling: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One prompt span -> [len, H, Dv]. Without a prefix, the step's own K/V are the whole history: no gather."""
+    H = q.shape[1]
+    qh = q[sp.start : sp.end].transpose(0, 1).unsqueeze(0)  # [1, H, e, D]
+    if sp.prefix == 0 and k_new is not None and v_new is not None:
+        k, v = k_new[sp.start : sp.end].to(q.dtype), v_new[sp.start : sp.end].to(q.dtype)
+    else:
+        k, v = k_buf[sp.kv_idx].to(q.dtype), v_buf[sp.kv_idx].to(q.dtype)
+    kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    gqa = kh.shape[1] != H
+    if softcap is not None:
+        o = _softcapped_attention(qh, kh, vh, sp.mask(sliding_window, q.device), scaling, softcap)
+    elif sp.prefix == 0 and sliding_window is None:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        mask = sp.mask(sliding_window, q.device)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
 
 
 def _attend_group(
