@@ -56,6 +56,7 @@ class BenchReport:
     workload: dict[str, Any]
     results: list[SystemResult] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    headlines: list[str] = field(default_factory=list)  # one-line conclusions printed under the table
 
     def add(self, result: SystemResult) -> SystemResult:
         self.results.append(result)
@@ -102,6 +103,7 @@ class BenchReport:
                     f"  [{r.system}] (!) {r.short_requests} request(s) got fewer tokens than requested: "
                     f"{r.output_tokens:,} of {r.requested_tokens:,}"
                 )
+        lines += self.headlines
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +111,7 @@ class BenchReport:
             "benchmark": self.benchmark,
             "workload": self.workload,
             "environment": self.environment,
+            "headlines": self.headlines,
             "results": [{**r.to_dict(), "radixlm_ratio": self.ratio(r)} for r in self.results],
         }
 
@@ -118,7 +121,9 @@ def environment(model_path: str, dtype: str) -> dict[str, Any]:
     import transformers
 
     return {
-        "command": " ".join(["radixlm bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+        "command": " ".join(["radixlm bench", *sys.argv[2:]])
+        if sys.argv[1:2] == ["bench"]
+        else " ".join(sys.argv),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model_path": model_path,
         "dtype": dtype,

@@ -130,7 +130,9 @@ def canonical_text_prompt(tokenizer: Any, ids: list[int], max_rounds: int = 6) -
         text = tokenizer.decode(canon)
         if tokenizer.encode(text, add_special_tokens=False) == canon:
             return text, canon
-    return text, tokenizer.encode(text, add_special_tokens=False)  # not converged: the truth, whatever its length
+    return text, tokenizer.encode(
+        text, add_special_tokens=False
+    )  # not converged: the truth, whatever its length
 
 
 def _check_range(name: str, bounds: tuple[int, int]) -> None:

@@ -1,0 +1,140 @@
+"""`radixlm bench offline`: throughput on random prompts, radixlm against transformers in one run.
+
+Systems, one after another on the same requests (one model in memory at a time):
+  radixlm                              Engine.generate over all requests at once (ignore_eos, greedy)
+  transformers generate (batch N)      static batches of N in arrival order, left-padded; see hf_baselines
+  transformers generate_batch (CB)     transformers' continuous batching, per-request max_new_tokens
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from radixlm.bench import hf_baselines as hf
+from radixlm.bench.common import (
+    make_result,
+    radixlm_result,
+    resolve_config,
+    run_radixlm,
+    start_engine,
+    warmup_jobs,
+)
+from radixlm.bench.report import BenchReport, SystemResult, environment
+from radixlm.bench.workloads import load_token_pool, random_requests
+from radixlm.config import EngineConfig
+
+GENERATE_BATCH = "transformers generate_batch (CB)"
+
+
+@dataclass
+class OfflineOptions:
+    num_requests: int = 64
+    min_prompt: int = 64
+    max_prompt: int = 512
+    min_output: int = 32
+    max_output: int = 128
+    seed: int = 0
+    hf_batch_sizes: tuple[int, ...] = (8, 16)
+    skip_hf_generate: bool = False
+    skip_generate_batch: bool = False
+    cb: hf.ContinuousBatchingOptions = field(default_factory=hf.ContinuousBatchingOptions)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def static_generate_result(model, jobs, batch_size: int) -> SystemResult:
+    outputs, seconds = hf.generate_static(model, jobs, batch_size)
+    result = make_result(
+        f"transformers generate (batch {batch_size})", jobs, [len(o) for o in outputs], seconds
+    )
+    result.notes.append(
+        f"static batches of {batch_size} in arrival order, left-padded; each batch decodes its longest "
+        f"request's length (EOS off): {result.output_tokens:,} of {result.generated_tokens:,} decoded "
+        "tokens were requested and counted"
+    )
+    return result
+
+
+def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str], None] = _log) -> BenchReport:
+    config = resolve_config(config)
+    pool = load_token_pool(config.model_path)
+    requests = random_requests(
+        pool,
+        opts.num_requests,
+        (opts.min_prompt, opts.max_prompt),
+        (opts.min_output, opts.max_output),
+        opts.seed,
+    )
+    jobs = [(r.prompt_ids, r.max_new_tokens) for r in requests]
+    warmup = warmup_jobs(pool, opts.seed)
+    report = BenchReport(
+        "offline",
+        {
+            "requests": opts.num_requests,
+            "prompt_len": f"{opts.min_prompt}-{opts.max_prompt}",
+            "output_len": f"{opts.min_output}-{opts.max_output}",
+            "prompt_tokens": sum(len(p) for p, _ in jobs),
+            "requested_output_tokens": sum(n for _, n in jobs),
+            "seed": opts.seed,
+        },
+        environment=environment(config.model_path, config.dtype),
+    )
+
+    log(f"radixlm: {len(jobs)} requests")
+    engine = start_engine(config, warmup)
+    try:
+        outs, seconds = run_radixlm(engine, jobs)
+        report.add(radixlm_result("radixlm", jobs, outs, seconds))
+    finally:
+        engine.shutdown()
+
+    if opts.skip_hf_generate and opts.skip_generate_batch:
+        return report
+    hf.quiet_transformers_logs()
+    model = hf.load_hf_model(config.model_path, config.dtype, config.device)
+    statics: list[SystemResult] = []
+    if not opts.skip_hf_generate:
+        hf.generate_static(model, warmup, len(warmup))
+        # A batch size at or above the request count is one batch: run that case once.
+        for bs in sorted({min(b, len(jobs)) for b in opts.hf_batch_sizes}):
+            log(f"transformers generate, static batches of {bs}")
+            statics.append(report.add(static_generate_result(model, jobs, bs)))
+    if not opts.skip_generate_batch:
+        log("transformers continuous batching (generate_batch)")
+        cb = hf.ContinuousBatching(
+            model,
+            max_prompt_len=max(len(p) for p, _ in jobs),
+            max_new_tokens=max(n for _, n in jobs),
+            max_concurrent=len(jobs),
+            options=opts.cb,
+        )
+        results, seconds = cb.run({f"r{i}": job for i, job in enumerate(jobs)}, warmup=warmup)
+        res = report.add(
+            make_result(GENERATE_BATCH, jobs, [len(results[f"r{i}"]) for i in range(len(jobs))], seconds)
+        )
+        res.extra.update(cb.describe())
+        res.notes.append(
+            "continuous_batching_context_manager + add_request(max_new_tokens=per request, eos_token_id=-1): "
+            "the manager generate_batch wraps (generate_batch takes one max_new_tokens for all); "
+            f"max_batch_tokens={cb.cb_config.max_batch_tokens}, num_blocks={cb.cb_config.num_blocks}"
+        )
+    del model
+
+    add_headlines(report, statics)
+    return report
+
+
+def add_headlines(report: BenchReport, statics: list[SystemResult]) -> None:
+    if statics:
+        best = max(statics, key=lambda r: r.tok_per_s)
+        best.extra["best_static_batch"] = True
+        ratio = report.ratio(best)
+        if ratio is not None:
+            report.headlines.append(f"radixlm vs best static generate ({best.system}): {ratio:.2f}x")
+    cb = next((r for r in report.results if r.system == GENERATE_BATCH), None)
+    if cb is not None and (ratio := report.ratio(cb)) is not None:
+        report.headlines.append(f"radixlm vs transformers generate_batch: {ratio:.2f}x")
