@@ -64,3 +64,31 @@ def assert_greedy_match(ours: list[int], ref: list[int], margins: list[float], l
                 f"radixlm {ours} vs transformers {ref}"
             )
     assert len(ours) == len(ref), f"{label}: radixlm produced {len(ours)} tokens, transformers {len(ref)}"
+
+
+def drive_core(core, prompts: list[list[int]], params: dict, stagger: int = 0) -> dict[str, list]:
+    """Add prompts (one every `stagger` steps, or all at once) and step until done.
+
+    KV accounting is checked after every step and no request may be aborted. Returns per prompt, in order,
+    the generated ids ("ids") and the cached_tokens reported ("cached").
+    """
+    outs: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or core.has_work():
+        if pending and (stagger == 0 or step % stagger == 0):
+            take = pending if stagger == 0 else pending[:1]
+            for i, p in take:
+                core.add_request(f"r{i}", p, params)
+            pending = pending[len(take) :]
+        for o in core.step():
+            assert (o.finish_reason or {}).get("type") != "abort", o.finish_reason
+            outs.setdefault(o.rid, []).extend(o.new_token_ids)
+            cached[o.rid] = o.cached_tokens
+        core.check()
+        step += 1
+    return {
+        "ids": [outs[f"r{i}"] for i in range(len(prompts))],
+        "cached": [cached[f"r{i}"] for i in range(len(prompts))],
+    }

@@ -9,7 +9,7 @@ import pytest
 from radixlm.config import EngineConfig
 from radixlm.engine.core import EngineCore
 from radixlm.testing import cached_model_folder
-from tests.parity_utils import assert_greedy_match, hf_greedy
+from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -28,26 +28,7 @@ def _core(arch="llama", impl="auto", **kw) -> EngineCore:
 
 
 def _run(core: EngineCore, prompts, params=GREEDY, stagger=0) -> dict:
-    outs: dict[str, list[int]] = {}
-    cached: dict[str, int] = {}
-    pending = list(enumerate(prompts))
-    step = 0
-    while pending or core.has_work():
-        if pending and (stagger == 0 or step % stagger == 0):
-            take = pending if stagger == 0 else pending[:1]
-            for i, p in take:
-                core.add_request(f"r{i}", p, params)
-            pending = pending[len(take) :]
-        for o in core.step():
-            assert not (o.finish_reason or {}).get("type") == "abort", o.finish_reason
-            outs.setdefault(o.rid, []).extend(o.new_token_ids)
-            cached[o.rid] = o.cached_tokens
-        core.check()
-        step += 1
-    return {
-        "ids": [outs[f"r{i}"] for i in range(len(prompts))],
-        "cached": [cached[f"r{i}"] for i in range(len(prompts))],
-    }
+    return drive_core(core, prompts, params, stagger)
 
 
 def _shared_prompts(seed=0) -> list[list[int]]:

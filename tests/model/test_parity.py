@@ -13,7 +13,7 @@ import pytest
 from radixlm.config import EngineConfig
 from radixlm.engine.core import EngineCore
 from radixlm.testing import cached_model_folder
-from tests.parity_utils import assert_greedy_match, hf_greedy, random_prompts
+from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy, random_prompts
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
 NATIVE = {"llama", "qwen2", "qwen3", "mistral"}
@@ -30,34 +30,16 @@ def _core(path, impl: str, **options) -> EngineCore:
     return EngineCore(cfg)
 
 
-def _run(
-    core: EngineCore, prompts: list[list[int]], stagger: int = 0, check_every_step: bool = True
-) -> dict[str, list[int]]:
-    """Add prompts (one every `stagger` steps, or all at once) and step until done, checking KV accounting."""
-    results: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    pending = list(enumerate(prompts))
-    step = 0
-    while pending or core.has_work():
-        if pending and (stagger == 0 or step % stagger == 0):
-            batch = pending if stagger == 0 else pending[:1]
-            for i, p in batch:
-                core.add_request(
-                    f"r{i}", p, {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
-                )
-            pending = pending[len(batch) :]
-        for out in core.step():
-            results[out.rid].extend(out.new_token_ids)
-            assert out.finish_reason is None or out.finish_reason["type"] != "abort", out.finish_reason
-        if check_every_step:
-            core.check()
-        step += 1
-    return results
+def _run(core: EngineCore, prompts: list[list[int]], stagger: int = 0) -> list[list[int]]:
+    """Greedy ids per prompt; KV accounting is checked after every step (see drive_core)."""
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    return drive_core(core, prompts, params, stagger)["ids"]
 
 
 def _compare(path, prompts, results, label):
     for i, p in enumerate(prompts):
         ref, margins = hf_greedy(path, p, MAX_NEW)
-        assert_greedy_match(results[f"r{i}"], ref, margins, f"{label} prompt {i} (len {len(p)})")
+        assert_greedy_match(results[i], ref, margins, f"{label} prompt {i} (len {len(p)})")
 
 
 @pytest.mark.parametrize("arch,impl", CASES)
