@@ -31,6 +31,22 @@ def _run(core: EngineCore, prompts, params=GREEDY, stagger=0) -> dict:
     return drive_core(core, prompts, params, stagger)
 
 
+def _count_shared_decode_steps(monkeypatch) -> list[int]:
+    """Spy on the torch backend: one entry per step that grouped decodes sharing a cached prefix."""
+    from radixlm.layers.attention_backends import torch_backend
+
+    steps: list[int] = []
+    real = torch_backend.build_shared_groups
+
+    def spy(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        steps.append(groups.num_groups)
+        return groups
+
+    monkeypatch.setattr(torch_backend, "build_shared_groups", spy)
+    return steps
+
+
 def _shared_prompts(seed=0) -> list[list[int]]:
     rng = random.Random(seed)
     sys_a = [rng.randrange(3, 2000) for _ in range(120)]
@@ -45,9 +61,13 @@ def _shared_prompts(seed=0) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch,impl", [("llama", "native"), ("gemma3", "transformers")])
 @pytest.mark.parametrize("stagger", [0, 2])
-def test_cache_does_not_change_greedy_output_and_matches_transformers(arch, impl, stagger) -> None:
+def test_cache_does_not_change_greedy_output_and_matches_transformers(
+    arch, impl, stagger, monkeypatch
+) -> None:
     prompts = _shared_prompts()
+    shared_steps = _count_shared_decode_steps(monkeypatch)
     on = _run(_core(arch, impl, chunked_prefill_size=32), prompts, stagger=stagger)
+    assert shared_steps, "no step attended decodes of a shared prefix together"
     off = _run(_core(arch, impl, chunked_prefill_size=32, disable_radix_cache=True), prompts, stagger=stagger)
     assert on["ids"] == off["ids"]
     assert sum(on["cached"]) > 0 and sum(off["cached"]) == 0

@@ -8,6 +8,7 @@ are allocated for every sequence before any extend, so sequences' pages interlea
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -219,3 +220,144 @@ def test_random_span_layouts(
     seed: int,
 ) -> None:
     _check(spans, page_size=page_size, heads=heads, window=window, softcap=softcap, seed=seed)
+
+
+# ---- decodes that share a cached prefix (shared_prefix.py) ---------------------------------------------
+
+
+def _check_shared(
+    groups: list[tuple[int, list[int]]],
+    *,
+    extra_spans: list[tuple[int, int]] = (),
+    min_shared_prefix: int = 4,
+    expect_groups: int | None = None,
+    page_size: int = 1,
+    heads: tuple[int, int] = (4, 2),
+    window: int | None = None,
+    softcap: float | None = None,
+    seed: int = 0,
+) -> None:
+    """groups: (shared prefix length, [own tokens of each member]) -- every member holds the same slots for
+    the prefix, as the radix cache hands them out, then `own` private tokens whose last one decodes now.
+    extra_spans: unrelated (prefix, extend) spans in the same step."""
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    pool = KVPool(
+        capacity=512, page_size=page_size, num_layers=1, num_kv_heads=Hkv, head_dim=D,
+        dtype=torch.float32, device="cpu",
+    )  # fmt: skip
+    req = ReqToTokenPool(size=32, max_context_len=96, device="cpu")
+
+    def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
+
+    seqs = []  # (row, prefix_len, extend_len, k, v) per span, in batch order
+    for prefix, owns in groups:
+        pk, pv = kv(prefix)
+        pslots = pool.alloc(prefix)
+        pool.write(0, pslots, pk, pv)
+        for own in owns:
+            row = req.alloc()
+            ok, ov = kv(own)
+            slots = pool.alloc(own)
+            pool.write(0, slots, ok, ov)
+            req.write(row, 0, pslots)
+            req.write(row, prefix, slots)
+            seqs.append((row, prefix + own - 1, 1, torch.cat([pk, ok]), torch.cat([pv, ov])))
+    for p, e in extra_spans:
+        row = req.alloc()
+        k, v = kv(p + e)
+        slots = pool.alloc(p + e)
+        pool.write(0, slots, k, v)
+        req.write(row, 0, slots)
+        seqs.append((row, p, e, k, v))
+    # interleave the spans so that group members are not adjacent in the batch
+    order = list(range(len(seqs)))
+    random.Random(seed).shuffle(order)
+    seqs = [seqs[i] for i in order]
+    total = sum(e for _, _, e, _, _ in seqs)
+    backend = TorchAttnBackend(min_shared_prefix=min_shared_prefix)
+    fb = ForwardBatch.from_spans(
+        input_ids=[0] * total,
+        out_cache_loc=torch.zeros(total, dtype=torch.int64),  # K/V are already in the pool
+        req_pool_indices=[s[0] for s in seqs],
+        prefix_lens=[s[1] for s in seqs],
+        extend_lens=[s[2] for s in seqs],
+        sample_mask=[True] * len(seqs),
+        kv_pool=pool,
+        req_to_token=req.table,
+        attn_backend=backend,
+        device=torch.device("cpu"),
+    )
+    shared = fb.attn_metadata.shared
+    if expect_groups is not None:
+        assert (shared.num_groups if shared is not None else 0) == expect_groups
+    q = 2 * torch.randn(total, H, D, generator=g)
+    scaling = D**-0.5
+    out = backend.forward(q, fb, layer_id=0, scaling=scaling, sliding_window=window, softcap=softcap)
+    start = 0
+    for _, p, e, k, v in seqs:
+        ref = _reference(q[start : start + e], k, v, p, scaling, window, softcap)
+        torch.testing.assert_close(out[start : start + e].double(), ref, atol=2e-5, rtol=1e-5)
+        start += e
+
+
+def test_shared_prefix_decodes_form_one_group() -> None:
+    _check_shared([(12, [1, 3, 2, 5])], expect_groups=1)
+
+
+def test_shared_groups_next_to_singles_and_prompt_spans() -> None:
+    _check_shared(
+        [(10, [2, 1]), (7, [4, 1, 1])], extra_spans=[(9, 1), (0, 5), (3, 4), (20, 1)], expect_groups=2
+    )
+
+
+def test_prefix_shorter_than_the_threshold_is_not_grouped() -> None:
+    _check_shared([(5, [2, 3])], min_shared_prefix=6, expect_groups=0)
+
+
+def test_a_lone_request_with_a_cached_prefix_is_not_a_group() -> None:
+    _check_shared([(12, [3]), (9, [2])], expect_groups=0)
+
+
+@pytest.mark.parametrize("window", [1, 4, 13])
+def test_shared_groups_with_sliding_window(window: int) -> None:
+    _check_shared([(10, [3, 1, 6])], extra_spans=[(8, 1)], window=window, expect_groups=1)
+
+
+def test_shared_groups_with_softcap() -> None:
+    _check_shared([(10, [3, 1, 6])], heads=(6, 3), softcap=2.0, expect_groups=1)
+
+
+def test_shared_groups_page_size_4() -> None:
+    _check_shared([(8, [3, 1, 5]), (12, [2, 4])], extra_spans=[(5, 1)], page_size=4, expect_groups=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.lists(
+        st.tuples(st.integers(0, 14), st.lists(st.integers(1, 6), min_size=1, max_size=4)),
+        min_size=1,
+        max_size=4,
+    ),
+    extra=st.lists(st.tuples(st.integers(0, 10), st.integers(1, 4)), max_size=3),
+    min_shared_prefix=st.integers(1, 8),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1)]),
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    softcap=st.one_of(st.none(), st.just(3.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shared_layouts(
+    groups: list[tuple[int, list[int]]],
+    extra: list[tuple[int, int]],
+    min_shared_prefix: int,
+    heads: tuple[int, int],
+    window: int | None,
+    softcap: float | None,
+    seed: int,
+) -> None:
+    expected = sum(1 for p, owns in groups if len(owns) > 1 and p >= min_shared_prefix)
+    _check_shared(
+        groups, extra_spans=extra, min_shared_prefix=min_shared_prefix, heads=heads, window=window,
+        softcap=softcap, seed=seed, expect_groups=expected,
+    )  # fmt: skip

@@ -1,12 +1,17 @@
 """The torch attention backend: runs on any device, and is the reference the GPU kernels are tested against.
 
-Spans are split into two groups, because their shapes differ so much that padding one to the other wastes
-most of the work: decodes (one query each) and extends (prompt chunks). Within a group, every span's
-queries are padded to the longest span and its KV history to the longest history:
+Spans fall into three kinds, attended differently because their shapes differ so much that padding one to
+another wastes most of the work:
 
-    q_pad   [B, Qmax, H, D]     scattered from the packed queries
-    kv_idx  [B, Lmax]           = req_to_token[row, :Lmax]  (slot 0, the null page, past each seq_len)
-    mask    [B, Qmax, Lmax]     kv_pos <= q_pos  (causal over the whole history), and inside the window
+- decodes (one query each) are padded into one group; every span's KV history is padded to the longest:
+
+      q       [B, H, D]           gathered from the packed queries
+      kv_idx  [B, Lmax]           = req_to_token[row, :Lmax]  (slot 0, the null page, past each seq_len)
+      mask    [B, 1, 1, Lmax]     inside the sequence (and inside the window)
+
+- decodes that share a long cached prefix with other decodes form shared groups that read that prefix
+  once (shared_prefix.py);
+- prompt spans are attended one at a time (a handful per step), each against its own history.
 
 Everything is built once per step (`init_forward_metadata`); each layer only gathers its own K/V and runs
 one scaled-dot-product attention per group. No Python loop over tokens.
@@ -14,13 +19,22 @@ one scaled-dot-product attention per group. No Python loop over tokens.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from radixlm.layers.attention_backends.base import AttentionBackend
+from radixlm.layers.attention_backends.shared_prefix import (
+    SharedDecodeGroups,
+    build_shared_groups,
+    find_shared_groups,
+)
 from radixlm.model.forward_batch import ForwardBatch
+
+# Below this many shared tokens, reading a prefix once does not pay for the group's extra masking.
+DEFAULT_MIN_SHARED_PREFIX = 64
 
 
 @dataclass
@@ -76,23 +90,51 @@ class _ExtendSpan:
 class TorchAttnMetadata:
     decode: _SpanGroup | None
     extends: list[_ExtendSpan]
+    shared: SharedDecodeGroups | None = None
 
 
 class TorchAttnBackend(AttentionBackend):
+    def __init__(self, min_shared_prefix: int | None = DEFAULT_MIN_SHARED_PREFIX) -> None:
+        """min_shared_prefix: decodes that share at least this many cached tokens read them once (see
+        shared_prefix.py); None turns that off."""
+        self.min_shared_prefix = min_shared_prefix
+
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         fb = forward_batch
-        decode_ids = torch.nonzero(fb.extend_lens == 1).flatten()
-        decode = self._build_group(fb, decode_ids) if decode_ids.numel() else None
+        ext_list = fb.extend_lens_list
+        decode_ids = [i for i, n in enumerate(ext_list) if n == 1]
+        shared = None
+        if self.min_shared_prefix is not None and len(decode_ids) > 1:
+            decode_ids, shared = self._split_shared(fb, decode_ids)
+        decode = None
+        if decode_ids:
+            decode = self._build_group(fb, torch.tensor(decode_ids, device=fb.input_ids.device))
         extends = []
         start = 0
         prefix_list = fb.prefix_lens.tolist()
         rows = fb.req_pool_indices.tolist()
-        for i, n in enumerate(fb.extend_lens_list):
+        for i, n in enumerate(ext_list):
             if n > 1:
                 p = prefix_list[i]
                 extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n]))
             start += n
-        fb.attn_metadata = TorchAttnMetadata(decode, extends)
+        fb.attn_metadata = TorchAttnMetadata(decode, extends, shared)
+
+    def _split_shared(
+        self, fb: ForwardBatch, decode_ids: list[int]
+    ) -> tuple[list[int], SharedDecodeGroups | None]:
+        """The decode spans left for the padded group, and the shared groups (or None)."""
+        assert self.min_shared_prefix is not None
+        all_rows = fb.req_pool_indices.tolist()
+        starts = list(itertools.accumulate(fb.extend_lens_list, initial=0))
+        rows = [all_rows[i] for i in decode_ids]
+        seqs = [fb.seq_lens_list[i] for i in decode_ids]
+        groups, singles = find_shared_groups(fb.req_to_token, rows, seqs, self.min_shared_prefix)
+        if not groups:
+            return decode_ids, None
+        tokens = [starts[i] for i in decode_ids]
+        shared = build_shared_groups(fb.req_to_token, groups, rows, seqs, tokens, fb.input_ids.device)
+        return [decode_ids[i] for i in singles], shared
 
     @staticmethod
     def _build_group(fb: ForwardBatch, span_ids: torch.Tensor) -> _SpanGroup:
@@ -141,10 +183,22 @@ class TorchAttnBackend(AttentionBackend):
             out[meta.decode.token_idx] = _attend_group(
                 q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap
             )
+        if meta.shared is not None:
+            sh = meta.shared
+            out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, scaling, sliding_window, softcap)
         # A Python loop over prompt spans (a few per step), never over tokens.
         for sp in meta.extends:
             out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, scaling, sliding_window, softcap)
         return out
+
+
+def gather_kv(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """buf[slots] for a pool buffer [N, Hkv, D] and slots of any shape -> [*slots.shape, Hkv, D].
+
+    index_select on the flattened slots, because advanced indexing takes a general scatter/gather path on
+    CPU that is 4-8x slower for this shape (measured: 17 ms vs 2.1 ms for 64 x 1100 slots, 2 x 64 bf16).
+    """
+    return buf.index_select(0, slots.reshape(-1)).view(*slots.shape, *buf.shape[1:])
 
 
 def _attend_span(
@@ -164,7 +218,7 @@ def _attend_span(
     if sp.prefix == 0 and k_new is not None and v_new is not None:
         k, v = k_new[sp.start : sp.end].to(q.dtype), v_new[sp.start : sp.end].to(q.dtype)
     else:
-        k, v = k_buf[sp.kv_idx].to(q.dtype), v_buf[sp.kv_idx].to(q.dtype)
+        k, v = gather_kv(k_buf, sp.kv_idx).to(q.dtype), gather_kv(v_buf, sp.kv_idx).to(q.dtype)
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     gqa = kh.shape[1] != H
     if softcap is not None:
@@ -189,13 +243,13 @@ def _attend_group(
     H, D = q.shape[1], q.shape[2]
     B, Qm = g.num_spans, g.max_q
     if Qm == 1:
-        q_pad = q[g.token_idx].view(B, 1, H, D)
+        q_pad = q.index_select(0, g.token_idx).view(B, 1, H, D)
     else:
         q_pad = q.new_zeros(B * Qm, H, D)
-        q_pad[g.pad_idx] = q[g.token_idx]
+        q_pad[g.pad_idx] = q.index_select(0, g.token_idx)
         q_pad = q_pad.view(B, Qm, H, D)
-    k = k_buf[g.kv_idx].to(q.dtype)  # [B, L, Hkv, D]
-    v = v_buf[g.kv_idx].to(q.dtype)
+    k = gather_kv(k_buf, g.kv_idx).to(q.dtype)  # [B, L, Hkv, D]
+    v = gather_kv(v_buf, g.kv_idx).to(q.dtype)
     mask = g.mask(sliding_window)
     if Qm == 1:
         return _decode_attention(q_pad.view(B, H, D), k, v, mask, scaling, softcap)
@@ -208,6 +262,38 @@ def _attend_group(
         o = _softcapped_attention(qh, kh, vh, mask, scaling, softcap)
     o = o.transpose(1, 2).reshape(B * Qm, H, -1)
     return o if Qm == 1 else o[g.pad_idx]
+
+
+def _attend_shared(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    sh: SharedDecodeGroups,
+    scaling: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Shared decode groups -> [M, H, Dv] for the real members, in `sh.out_tokens` order.
+
+    Queries are laid out [Gn, Hkv, Kmax * G, D], member-major within a KV head, like _decode_attention folds
+    the G heads of one KV head into SDPA's query axis; the keys of a whole group are gathered once.
+    """
+    _, H, D = q.shape
+    Gn, Kmax = sh.num_groups, sh.max_members
+    Hkv = k_buf.shape[1]
+    G = H // Hkv
+    qs = q.index_select(0, sh.token_idx.reshape(-1)).view(Gn, Kmax, Hkv, G, D)
+    qs = qs.permute(0, 2, 1, 3, 4).reshape(Gn, Hkv, Kmax * G, D)
+    kh = gather_kv(k_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)  # [Gn, Hkv, L, D]
+    vh = gather_kv(v_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)
+    mask = sh.mask(sliding_window, G)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qs, kh, vh, attn_mask=mask, scale=scaling)
+    else:
+        o = _softcapped_attention(qs, kh, vh, mask, scaling, softcap)
+    Dv = o.shape[-1]
+    o = o.view(Gn, Hkv, Kmax, G, Dv).permute(0, 2, 1, 3, 4).reshape(Gn * Kmax, H, Dv)
+    return o.index_select(0, sh.out_rows)
 
 
 def _decode_attention(
