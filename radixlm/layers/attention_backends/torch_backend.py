@@ -38,28 +38,27 @@ DEFAULT_MIN_SHARED_PREFIX = 64
 
 
 @dataclass
-class _SpanGroup:
-    token_idx: torch.Tensor  # [N] packed token indices of this group's queries
-    pad_idx: torch.Tensor  # [N] where each query sits in the flattened [B * Qmax] padded layout
-    kv_idx: torch.Tensor  # [B, Lmax] KV slots
-    q_pos: torch.Tensor  # [B, Qmax] absolute query positions (padding rows: 0)
-    valid_q: torch.Tensor  # [B, Qmax] bool
-    num_spans: int
-    max_q: int
-    max_kv: int
+class _DecodeGroup:
+    """Decode spans (one query each, at its sequence's last position), padded to the longest history."""
+
+    token_idx: torch.Tensor  # [B] packed token index of each query
+    kv_idx: torch.Tensor  # [B, Lmax] KV slots (slot 0, the null page, past each seq_len)
+    seq_lens: torch.Tensor  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def num_spans(self) -> int:
+        return int(self.token_idx.shape[0])
+
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, Qmax, Lmax] bool, cached per window size because layers share it."""
+        """[B, 1, 1, Lmax] bool, cached per window size because layers share it."""
         if sliding_window not in self._masks:
-            kv_pos = torch.arange(self.max_kv, device=self.q_pos.device)
-            diff = self.q_pos[:, :, None] - kv_pos[None, None, :]
-            allowed = diff >= 0
+            kv_pos = torch.arange(self.kv_idx.shape[1], device=self.kv_idx.device)[None, :]
+            seq = self.seq_lens[:, None]
+            allowed = kv_pos < seq
             if sliding_window is not None:
-                allowed &= diff < sliding_window
-            # Padding query rows attend to slot 0 only, so softmax never sees an all-masked row (NaN).
-            allowed |= (~self.valid_q)[:, :, None] & (kv_pos == 0)[None, None, :]
-            self._masks[sliding_window] = allowed[:, None]
+                allowed &= (seq - 1 - kv_pos) < sliding_window
+            self._masks[sliding_window] = allowed[:, None, None]
         return self._masks[sliding_window]
 
 
@@ -88,7 +87,7 @@ class _ExtendSpan:
 
 @dataclass
 class TorchAttnMetadata:
-    decode: _SpanGroup | None
+    decode: _DecodeGroup | None
     extends: list[_ExtendSpan]
     shared: SharedDecodeGroups | None = None
 
@@ -108,7 +107,7 @@ class TorchAttnBackend(AttentionBackend):
             decode_ids, shared = self._split_shared(fb, decode_ids)
         decode = None
         if decode_ids:
-            decode = self._build_group(fb, torch.tensor(decode_ids, device=fb.input_ids.device))
+            decode = self._build_decode_group(fb, decode_ids)
         extends = []
         start = 0
         prefix_list = fb.prefix_lens.tolist()
@@ -137,30 +136,16 @@ class TorchAttnBackend(AttentionBackend):
         return [decode_ids[i] for i in singles], shared
 
     @staticmethod
-    def _build_group(fb: ForwardBatch, span_ids: torch.Tensor) -> _SpanGroup:
+    def _build_decode_group(fb: ForwardBatch, span_ids: list[int]) -> _DecodeGroup:
         device = fb.input_ids.device
-        ext = fb.extend_lens[span_ids]
-        pre = fb.prefix_lens[span_ids]
-        seq = fb.seq_lens[span_ids]
-        starts_all = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
-        starts = starts_all[span_ids]
-        ext_list = ext.tolist()
-        max_q, max_kv = max(ext_list), int(seq.max())
-        num = len(ext_list)
-        total = int(ext.sum())
-        local_span = torch.repeat_interleave(torch.arange(num, device=device), ext)
-        local_col = torch.arange(total, device=device) - torch.repeat_interleave(
-            torch.cumsum(ext, 0) - ext, ext
-        )
-        token_idx = torch.repeat_interleave(starts, ext) + local_col
-        pad_idx = local_span * max_q + local_col
-        cols = torch.arange(max_q, device=device)
-        valid_q = cols[None, :] < ext[:, None]
-        q_pos = torch.where(valid_q, pre[:, None] + cols[None, :], 0)
+        ids = torch.tensor(span_ids, dtype=torch.int64, device=device)
+        starts = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
+        seq = fb.seq_lens[ids]
+        max_kv = max(fb.seq_lens_list[i] for i in span_ids)
         kv_cols = torch.arange(max_kv, device=device)
-        kv_idx = fb.req_to_token[fb.req_pool_indices[span_ids], :max_kv]
+        kv_idx = fb.req_to_token[fb.req_pool_indices[ids], :max_kv]
         kv_idx = torch.where(kv_cols[None, :] < seq[:, None], kv_idx, 0)
-        return _SpanGroup(token_idx, pad_idx, kv_idx, q_pos, valid_q, num, max_q, max_kv)
+        return _DecodeGroup(starts[ids], kv_idx, seq)
 
     def forward(
         self,
@@ -180,7 +165,7 @@ class TorchAttnBackend(AttentionBackend):
         meta: TorchAttnMetadata = forward_batch.attn_metadata
         out = q.new_empty(T, H, v_buf.shape[-1])
         if meta.decode is not None:
-            out[meta.decode.token_idx] = _attend_group(
+            out[meta.decode.token_idx] = _attend_decodes(
                 q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap
             )
         if meta.shared is not None:
@@ -231,37 +216,20 @@ def _attend_span(
     return o[0].transpose(0, 1)
 
 
-def _attend_group(
+def _attend_decodes(
     q: torch.Tensor,
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
-    g: _SpanGroup,
+    g: _DecodeGroup,
     scaling: float,
     sliding_window: int | None,
     softcap: float | None,
 ) -> torch.Tensor:
-    H, D = q.shape[1], q.shape[2]
-    B, Qm = g.num_spans, g.max_q
-    if Qm == 1:
-        q_pad = q.index_select(0, g.token_idx).view(B, 1, H, D)
-    else:
-        q_pad = q.new_zeros(B * Qm, H, D)
-        q_pad[g.pad_idx] = q.index_select(0, g.token_idx)
-        q_pad = q_pad.view(B, Qm, H, D)
+    """The decode group -> [B, H, Dv], in span order."""
+    q1 = q.index_select(0, g.token_idx)  # [B, H, D]
     k = gather_kv(k_buf, g.kv_idx).to(q.dtype)  # [B, L, Hkv, D]
     v = gather_kv(v_buf, g.kv_idx).to(q.dtype)
-    mask = g.mask(sliding_window)
-    if Qm == 1:
-        return _decode_attention(q_pad.view(B, H, D), k, v, mask, scaling, softcap)
-    qh, kh, vh = q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if softcap is None:
-        o = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scaling, enable_gqa=kh.shape[1] != H
-        )
-    else:
-        o = _softcapped_attention(qh, kh, vh, mask, scaling, softcap)
-    o = o.transpose(1, 2).reshape(B * Qm, H, -1)
-    return o if Qm == 1 else o[g.pad_idx]
+    return _decode_attention(q1, k, v, g.mask(sliding_window), scaling, softcap)
 
 
 def _attend_shared(
