@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 REFERENCE = "radixlm"
@@ -127,6 +129,7 @@ def environment(model_path: str, dtype: str) -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model_path": model_path,
         "dtype": dtype,
+        "radixlm": _radixlm_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -135,6 +138,28 @@ def environment(model_path: str, dtype: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+def _radixlm_version() -> str:
+    """The package version, plus the git commit (and '-dirty') when running from a checkout, so that a
+    result can be traced to the code that produced it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("radixlm")
+    except PackageNotFoundError:
+        v = "unknown"
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        return v
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return v
+    return f"{v} (git {commit})"
 
 
 def write_json(path: str, reports: list[Any]) -> None:

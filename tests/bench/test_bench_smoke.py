@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 
+import radixlm
 from radixlm.bench.cli import main as bench_main
 from radixlm.bench.prefix import GENERATE_BATCH, NO_CACHE, PrefixOptions, run_prefix
 from radixlm.config import EngineConfig
@@ -42,6 +43,7 @@ def test_offline_smoke(tiny_model: str, tmp_path: pathlib.Path, capsys) -> None:
     argv += ["--json", str(out)]
     assert bench_main(argv) == 0
     data = json.loads(out.read_text())
+    assert data["environment"]["radixlm"].startswith(radixlm.__version__)  # results name their code
     requested = data["workload"]["requested_output_tokens"]
     systems = {r["system"]: r for r in data["results"]}
     assert set(systems) == {
