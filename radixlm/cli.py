@@ -40,7 +40,9 @@ def _demo(argv: list[str]) -> int:
         info = llm.get_model_info()
         print(f"model: {info['architecture']} via {info['model_impl']} ({info['model_impl_reason']})")
         if not config.model_path:
-            print("(the demo model has random weights, so its text is noise; pass --model-path for a real model)")
+            print(
+                "(the demo model has random weights, so its text is noise; pass --model-path for a real model)"
+            )
         outs = llm.generate(prompts, {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature})
         for p, o in zip(prompts, outs):
             meta = o["meta_info"]

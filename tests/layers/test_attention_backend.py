@@ -49,6 +49,18 @@ def _reference(
     return out
 
 
+def _pool(capacity: int, page_size: int, num_layers: int, num_kv_heads: int) -> KVPool:
+    return KVPool(
+        capacity=capacity,
+        page_size=page_size,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        head_dim=D,
+        dtype=torch.float32,
+        device="cpu",
+    )
+
+
 def _check(
     spans: list[tuple[int, int]],
     *,
@@ -61,15 +73,7 @@ def _check(
     """spans: (prefix_len, extend_len) per sequence, all computed in one ForwardBatch."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
-    pool = KVPool(
-        capacity=256,
-        page_size=page_size,
-        num_layers=2,
-        num_kv_heads=Hkv,
-        head_dim=D,
-        dtype=torch.float32,
-        device="cpu",
-    )
+    pool = _pool(256, page_size, 2, Hkv)
     req = ReqToTokenPool(size=8, max_context_len=64, device="cpu")
     ks = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
     vs = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
@@ -162,15 +166,7 @@ def test_page_size_4_decode_steps_continue_the_last_page() -> None:
     """A sequence decodes one token per step; each step's slot continues the previous step's page."""
     Hkv, H, page = 2, 4, 4
     g = torch.Generator().manual_seed(5)
-    pool = KVPool(
-        capacity=64,
-        page_size=page,
-        num_layers=1,
-        num_kv_heads=Hkv,
-        head_dim=D,
-        dtype=torch.float32,
-        device="cpu",
-    )
+    pool = _pool(64, page, 1, Hkv)
     req = ReqToTokenPool(size=2, max_context_len=32, device="cpu")
     row = req.alloc()
     k, v = torch.randn(14, Hkv, D, generator=g), torch.randn(14, Hkv, D, generator=g)
@@ -242,10 +238,7 @@ def _check_shared(
     extra_spans: unrelated (prefix, extend) spans in the same step."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
-    pool = KVPool(
-        capacity=512, page_size=page_size, num_layers=1, num_kv_heads=Hkv, head_dim=D,
-        dtype=torch.float32, device="cpu",
-    )  # fmt: skip
+    pool = _pool(512, page_size, 1, Hkv)
     req = ReqToTokenPool(size=32, max_context_len=96, device="cpu")
 
     def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:

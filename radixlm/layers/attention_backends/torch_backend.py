@@ -33,7 +33,8 @@ from radixlm.layers.attention_backends.shared_prefix import (
 )
 from radixlm.model.forward_batch import ForwardBatch
 
-# Below this many shared tokens, reading a prefix once does not pay for the group's extra masking.
+# A short shared prefix saves little reading and still costs the group's padding and masking. 64 is a
+# judgement, not a measured break-even point.
 DEFAULT_MIN_SHARED_PREFIX = 64
 
 
@@ -45,10 +46,6 @@ class _DecodeGroup:
     kv_idx: torch.Tensor  # [B, Lmax] KV slots (slot 0, the null page, past each seq_len)
     seq_lens: torch.Tensor  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def num_spans(self) -> int:
-        return int(self.token_idx.shape[0])
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, 1, Lmax] bool, cached per window size because layers share it."""
