@@ -349,8 +349,40 @@ def test_random_shared_layouts(
     softcap: float | None,
     seed: int,
 ) -> None:
-    expected = sum(1 for p, owns in groups if len(owns) > 1 and p >= min_shared_prefix)
+    # Where all members' own tokens fit under the prefix, a shared prefix makes exactly one group; where
+    # they do not, the split is tested in test_find_shared_groups_splits_members_whose_own_tokens_outgrow_the_prefix.
+    eligible = [(p, owns) for p, owns in groups if len(owns) > 1 and p >= min_shared_prefix]
+    expected = len(eligible) if all(sum(owns) <= p for p, owns in eligible) else None
     _check_shared(
         groups, extra_spans=extra, min_shared_prefix=min_shared_prefix, heads=heads, window=window,
         softcap=softcap, seed=seed, expect_groups=expected,
     )  # fmt: skip
+
+
+def _slot_table(groups: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A req_to_token table where each group's members share `prefix` slots and then own fresh ones."""
+    table = torch.zeros(sum(len(o) for _, o in groups), 64, dtype=torch.int64)
+    seqs, next_slot, r = [], 1, 0
+    for prefix, owns in groups:
+        shared = torch.arange(next_slot, next_slot + prefix)
+        next_slot += prefix
+        for own in owns:
+            table[r, :prefix] = shared
+            table[r, prefix : prefix + own] = torch.arange(next_slot, next_slot + own)
+            next_slot += own
+            seqs.append(prefix + own)
+            r += 1
+    return table, list(range(r)), seqs
+
+
+def test_find_shared_groups_splits_members_whose_own_tokens_outgrow_the_prefix() -> None:
+    from radixlm.layers.attention_backends.shared_prefix import find_shared_groups
+
+    # prefix 5; own tokens 1, 2, 3, 5, 2 -> shortest first: {1, 2, 2} (5 tokens) is a group; 3 and 5 stay alone
+    table, rows, seqs = _slot_table([(5, [1, 2, 3, 5, 2]), (8, [1, 1, 1, 1])])
+    groups, singles = find_shared_groups(table, rows, seqs, min_prefix=2)
+    assert sorted((sorted(m), p) for m, p in groups) == [([0, 1, 4], 5), ([5, 6, 7, 8], 8)]
+    assert singles == [2, 3]
+    # no two members fit under the prefix together: nothing is grouped
+    table, rows, seqs = _slot_table([(4, [3, 3, 3])])
+    assert find_shared_groups(table, rows, seqs, min_prefix=2) == ([], [0, 1, 2])

@@ -18,7 +18,8 @@ the masked columns get zero weight.
 Groups are found from the slot table alone: a KV slot is written once, for one token at one position of
 one token path, so two requests with the same slot at position j share the whole prefix [0, j]. Grouping
 on the slot at position `min_prefix - 1` and measuring the common run of slots from there gives groups
-that share at least `min_prefix` tokens.
+that share at least `min_prefix` tokens. A group whose members' own tokens outgrow the prefix is split
+(see _split_by_own_tokens), since the mask does not save the arithmetic on other members' tokens.
 """
 
 from __future__ import annotations
@@ -97,11 +98,37 @@ def find_shared_groups(
         table = req_to_token[[rows[i] for i in members], :shortest]
         same = (table == table[:1]).all(0)
         prefix = int(same.to(torch.int32).cumprod(0).sum())
-        if prefix >= min_prefix:
-            groups.append((members, prefix))
-            grouped.update(members)
+        if prefix < min_prefix:
+            continue
+        for part in _split_by_own_tokens(members, [seq_lens[i] - prefix for i in members], prefix):
+            groups.append((part, prefix))
+            grouped.update(part)
     singles = [i for i in range(len(rows)) if i not in grouped]
     return groups, singles
+
+
+def _split_by_own_tokens(members: list[int], own: list[int], prefix: int) -> list[list[int]]:
+    """Parts of two or more members whose own tokens add up to at most `prefix`.
+
+    Every query row of a group is scored against every key of the group, masked or not, so a group's
+    arithmetic grows with (members x all their own tokens). Capping the own tokens at the prefix keeps it
+    within twice what attending the members one by one costs, while the prefix is still read once per part.
+    Without the cap, 16 members of 512 own tokens behind a 128-token prefix attended 8x slower than one by
+    one (measured, CPU SDPA, bf16). A member left alone in its part is not grouped.
+    """
+    parts: list[list[int]] = []
+    part: list[int] = []
+    total = 0
+    for n, i in sorted(zip(own, members, strict=True)):  # short first: more members fit in a part
+        if part and total + n > prefix:
+            parts.append(part)
+            part, total = [], 0
+        part.append(i)
+        total += n
+    parts.append(part)
+    # A part of two or more never exceeds the cap: a member that would overflow a non-empty part starts a
+    # new one; only a member already over the cap alone makes a part that does, and it has no company.
+    return [p for p in parts if len(p) > 1]
 
 
 def build_shared_groups(
