@@ -17,18 +17,16 @@ from fastapi.responses import JSONResponse, Response
 from radixlm.server.errors import APIError
 from radixlm.server.protocol import GenerateRequest
 from radixlm.server.serving import (
-    SSE_DONE,
     ChunkStream,
-    ClientDisconnected,
     Output,
     ServerContext,
     SSEResponse,
-    collect,
+    collect_unless_disconnected,
+    deltas,
     engine_rids,
     new_request_id,
-    sse_error,
+    sse_body,
     sse_event,
-    unless_disconnected,
 )
 
 
@@ -62,10 +60,8 @@ async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Re
     )
     outputs = {rid: Output(rid) for rid in rids}
     if req.stream:
-        return SSEResponse(_stream(ctx, stream, outputs, req.return_logprob))
-    try:
-        await unless_disconnected(raw, collect(stream, outputs))
-    except ClientDisconnected:
+        return SSEResponse(sse_body(stream, _events(ctx, stream, outputs, req.return_logprob)))
+    if not await collect_unless_disconnected(raw, stream, outputs):
         return Response(status_code=499)
     results = [outputs[rid].final_dict(req.return_logprob) for rid in rids]
     for r in results:
@@ -73,17 +69,8 @@ async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Re
     return JSONResponse(results[0] if req.single and len(results) == 1 else results)
 
 
-async def _stream(
+async def _events(
     ctx: ServerContext, stream: ChunkStream, outputs: dict[str, Output], return_logprob: bool
 ) -> AsyncIterator[bytes]:
-    try:
-        async for item in stream:
-            out = outputs[item["meta_info"]["id"]]
-            delta = out.add(item)
-            ctx.check_failed(delta.finish_reason, len(out.output_ids))
-            yield sse_event(out.final_dict(return_logprob))
-    except Exception as exc:
-        yield sse_error(exc)
-    finally:
-        await stream.aclose()
-    yield SSE_DONE
+    async for out, _ in deltas(ctx, stream, outputs):
+        yield sse_event(out.final_dict(return_logprob))

@@ -31,20 +31,18 @@ from radixlm.server.protocol import (
     TopLogprob,
 )
 from radixlm.server.serving import (
-    SSE_DONE,
-    ClientDisconnected,
     Delta,
     Output,
     ServerContext,
     SSEResponse,
-    collect,
+    collect_unless_disconnected,
+    deltas,
     engine_rids,
     new_request_id,
     openai_finish,
-    sse_error,
+    sse_body,
     sse_event,
     token_text,
-    unless_disconnected,
     usage_of,
 )
 
@@ -77,10 +75,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     outputs = {rid: Output(rid) for rid in rids}
     model = req.model or ctx.served_model_name
     if req.stream:
-        return SSEResponse(_stream(ctx, req, stream, outputs, rids, model, request_id))
-    try:
-        await unless_disconnected(raw, collect(stream, outputs))
-    except ClientDisconnected:
+        return SSEResponse(sse_body(stream, _events(ctx, req, stream, outputs, rids, model, request_id)))
+    if not await collect_unless_disconnected(raw, stream, outputs):
         return Response(status_code=499)
     ordered = [outputs[rid] for rid in rids]
     choices = []
@@ -107,7 +103,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _stream(
+async def _events(
     ctx: ServerContext,
     req: ChatCompletionRequest,
     stream: Any,
@@ -130,34 +126,23 @@ async def _stream(
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
         return sse_event(data)
 
-    try:
-        for j in range(n):
-            yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
-        async for item in stream:
-            rid = item["meta_info"]["id"]
-            delta = outputs[rid].add(item)
-            ctx.check_failed(delta.finish_reason, len(outputs[rid].output_ids))
-            # Tokens that decode to no text yet (half a UTF-8 character) make no chunk unless their
-            # logprobs were asked for.
-            if not delta.text and delta.finish_reason is None and not (req.logprobs and delta.token_ids):
-                continue
-            finish, matched = openai_finish(delta.finish_reason)
-            choice = ChatChunkChoice(
-                index=index[rid],
-                delta=DeltaMessage(content=delta.text or None),
-                logprobs=_logprobs(engine, delta) if req.logprobs else None,
-                finish_reason=finish,
-                matched_stop=matched,
-            )
-            # usage_of counts each prompt once: all choices here share one prompt, so n is len(rids).
-            yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
-        if req.include_usage:
-            yield chunk([], usage_of(ordered, n))
-    except Exception as exc:
-        yield sse_error(exc)
-    finally:
-        await stream.aclose()
-    yield SSE_DONE
+    for j in range(n):
+        yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))])
+    async for out, delta in deltas(ctx, stream, outputs):
+        if delta.shows_nothing(req.logprobs):
+            continue
+        finish, matched = openai_finish(delta.finish_reason)
+        choice = ChatChunkChoice(
+            index=index[out.rid],
+            delta=DeltaMessage(content=delta.text or None),
+            logprobs=_logprobs(engine, delta) if req.logprobs else None,
+            finish_reason=finish,
+            matched_stop=matched,
+        )
+        # usage_of counts each prompt once: all choices here share one prompt, so n is len(rids).
+        yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
+    if req.include_usage:
+        yield chunk([], usage_of(ordered, n))
 
 
 def _logprobs(engine: Any, delta: Delta) -> ChoiceLogprobs:

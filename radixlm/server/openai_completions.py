@@ -21,20 +21,18 @@ from radixlm.server.protocol import (
     CompletionResponse,
 )
 from radixlm.server.serving import (
-    SSE_DONE,
-    ClientDisconnected,
     Delta,
     Output,
     ServerContext,
     SSEResponse,
-    collect,
+    collect_unless_disconnected,
+    deltas,
     engine_rids,
     new_request_id,
     openai_finish,
-    sse_error,
+    sse_body,
     sse_event,
     token_text,
-    unless_disconnected,
     usage_of,
 )
 
@@ -62,10 +60,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prefixes = _echo_prefixes(engine, req, params.n) if req.echo else [""] * len(rids)
     model = req.model or ctx.served_model_name
     if req.stream:
-        return SSEResponse(_stream(ctx, req, stream, outputs, rids, prefixes, model, request_id, params.n))
-    try:
-        await unless_disconnected(raw, collect(stream, outputs))
-    except ClientDisconnected:
+        events = _events(ctx, req, stream, outputs, rids, prefixes, model, request_id, params.n)
+        return SSEResponse(sse_body(stream, events))
+    if not await collect_unless_disconnected(raw, stream, outputs):
         return Response(status_code=499)
     ordered = [outputs[rid] for rid in rids]
     choices = []
@@ -89,7 +86,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     return JSONResponse(body.model_dump(mode="json"))
 
 
-async def _stream(
+async def _events(
     ctx: ServerContext,
     req: CompletionRequest,
     stream: Any,
@@ -110,39 +107,24 @@ async def _stream(
         body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
         return sse_event(body.model_dump(mode="json"))
 
-    try:
-        for j, prefix in enumerate(prefixes):
-            if prefix:
-                yield chunk([CompletionChoice(index=j, text=prefix)])
-        async for item in stream:
-            rid = item["meta_info"]["id"]
-            j = index[rid]
-            delta = outputs[rid].add(item)
-            ctx.check_failed(delta.finish_reason, len(outputs[rid].output_ids))
-            # Tokens that decode to no text yet (half a UTF-8 character) make no chunk unless their
-            # logprobs were asked for.
-            if (
-                not delta.text
-                and delta.finish_reason is None
-                and not (req.logprobs is not None and delta.token_ids)
-            ):
-                continue
-            finish, matched = openai_finish(delta.finish_reason)
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = _logprobs(engine, delta, req.logprobs, offset=offsets[j])
-                offsets[j] += len(delta.text)
-            choice = CompletionChoice(
-                index=j, text=delta.text, logprobs=logprobs, finish_reason=finish, matched_stop=matched
-            )
-            yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
-        if req.include_usage:
-            yield chunk([], usage_of(ordered, n))
-    except Exception as exc:
-        yield sse_error(exc)
-    finally:
-        await stream.aclose()
-    yield SSE_DONE
+    for j, prefix in enumerate(prefixes):
+        if prefix:
+            yield chunk([CompletionChoice(index=j, text=prefix)])
+    async for out, delta in deltas(ctx, stream, outputs):
+        if delta.shows_nothing(req.logprobs is not None):
+            continue
+        j = index[out.rid]
+        finish, matched = openai_finish(delta.finish_reason)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = _logprobs(engine, delta, req.logprobs, offset=offsets[j])
+            offsets[j] += len(delta.text)
+        choice = CompletionChoice(
+            index=j, text=delta.text, logprobs=logprobs, finish_reason=finish, matched_stop=matched
+        )
+        yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
+    if req.include_usage:
+        yield chunk([], usage_of(ordered, n))
 
 
 def _echo_prefixes(engine: Any, req: CompletionRequest, n: int) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -183,6 +183,11 @@ class Delta:
     top_logprobs: list[list[list[Any]]]  # per token, [[logprob, token_id, None], ...]
     finish_reason: dict[str, Any] | None
 
+    def shows_nothing(self, with_logprobs: bool) -> bool:
+        """True for tokens that decode to no text yet (half a UTF-8 character) and do not finish: they make
+        no OpenAI chunk unless their logprobs were asked for."""
+        return not self.text and self.finish_reason is None and not (with_logprobs and self.token_ids)
+
 
 @dataclass
 class Output:
@@ -241,6 +246,29 @@ async def collect(stream: ChunkStream, outputs: dict[str, Output]) -> None:
         await stream.aclose()
 
 
+async def collect_unless_disconnected(
+    request: Request, stream: ChunkStream, outputs: dict[str, Output]
+) -> bool:
+    """`collect`, unless the client goes away first: then the request is aborted and this returns False
+    (the handler answers 499)."""
+    try:
+        await unless_disconnected(request, collect(stream, outputs))
+    except ClientDisconnected:
+        return False
+    return True
+
+
+async def deltas(
+    ctx: ServerContext, stream: ChunkStream, outputs: dict[str, Output]
+) -> AsyncIterator[tuple[Output, Delta]]:
+    """Each chunk added to its output, as (output, what it added); a failed request raises its APIError."""
+    async for chunk in stream:
+        out = outputs[chunk["meta_info"]["id"]]
+        delta = out.add(chunk)
+        ctx.check_failed(delta.finish_reason, len(out.output_ids))
+        yield out, delta
+
+
 class ClientDisconnected(Exception):
     pass
 
@@ -289,6 +317,20 @@ def sse_error(exc: BaseException) -> bytes:
         return sse_event(error_body(exc.status, exc.message, exc.param, exc.code))
     logger.exception("error while streaming", exc_info=exc)
     return sse_event(error_body(500, f"internal server error: {type(exc).__name__}: {exc}"))
+
+
+async def sse_body(stream: ChunkStream, events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """A streaming response's body: the handler's events, an error event if they raise, then [DONE]. The
+    engine stream is closed however it ends, which aborts whatever is still running."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        yield sse_error(exc)
+    finally:
+        await events.aclose()
+        await stream.aclose()
+    yield SSE_DONE
 
 
 class SSEResponse(StreamingResponse):
