@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+# The row name of transformers' continuous batching in every bench table.
+GENERATE_BATCH = "transformers generate_batch (CB)"
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # (prompt ids, max_new_tokens) of one request

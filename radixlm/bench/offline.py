@@ -21,11 +21,10 @@ from radixlm.bench.common import (
     start_engine,
     warmup_jobs,
 )
+from radixlm.bench.hf_baselines import GENERATE_BATCH
 from radixlm.bench.report import BenchReport, SystemResult, environment
 from radixlm.bench.workloads import load_token_pool, random_requests
 from radixlm.config import EngineConfig
-
-GENERATE_BATCH = "transformers generate_batch (CB)"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from radixlm.bench.common import (
     start_engine,
     warmup_jobs,
 )
-from radixlm.bench.hf_baselines import Job
+from radixlm.bench.hf_baselines import GENERATE_BATCH, Job
 from radixlm.bench.report import REFERENCE, BenchReport, environment
 from radixlm.bench.workloads import (
     Conversation,
@@ -41,7 +41,6 @@ from radixlm.bench.workloads import (
 from radixlm.config import EngineConfig
 
 NO_CACHE = "radixlm (radix cache off)"
-GENERATE_BATCH = "transformers generate_batch (CB)"
 
 
 @dataclass

@@ -98,17 +98,17 @@ class TorchAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         fb = forward_batch
         ext_list = fb.extend_lens_list
+        rows = fb.req_pool_indices.tolist()
         decode_ids = [i for i, n in enumerate(ext_list) if n == 1]
         shared = None
         if self.min_shared_prefix is not None and len(decode_ids) > 1:
-            decode_ids, shared = self._split_shared(fb, decode_ids)
+            decode_ids, shared = self._split_shared(fb, rows, decode_ids)
         decode = None
         if decode_ids:
             decode = self._build_decode_group(fb, decode_ids)
         extends = []
         start = 0
         prefix_list = fb.prefix_lens.tolist()
-        rows = fb.req_pool_indices.tolist()
         for i, n in enumerate(ext_list):
             if n > 1:
                 p = prefix_list[i]
@@ -117,13 +117,12 @@ class TorchAttnBackend(AttentionBackend):
         fb.attn_metadata = TorchAttnMetadata(decode, extends, shared)
 
     def _split_shared(
-        self, fb: ForwardBatch, decode_ids: list[int]
+        self, fb: ForwardBatch, span_rows: list[int], decode_ids: list[int]
     ) -> tuple[list[int], SharedDecodeGroups | None]:
         """The decode spans left for the padded group, and the shared groups (or None)."""
         assert self.min_shared_prefix is not None
-        all_rows = fb.req_pool_indices.tolist()
         starts = list(itertools.accumulate(fb.extend_lens_list, initial=0))
-        rows = [all_rows[i] for i in decode_ids]
+        rows = [span_rows[i] for i in decode_ids]
         seqs = [fb.seq_lens_list[i] for i in decode_ids]
         groups, singles = find_shared_groups(fb.req_to_token, rows, seqs, self.min_shared_prefix)
         if not groups:
