@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Importing the Engine pulls in torch and transformers; keep `import radixlm` cheap for the CLI's --help.
     if name == "Engine":
-        from radixlm.engine.engine import Engine
+        from radixlm.frontend.engine import Engine
 
         return Engine
     raise AttributeError(name)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from radixlm.messages import AddRequest
+
 TIE_MARGIN = 1e-3  # DESIGN.md: a step where transformers' own top-2 margin is below this is a tie
 
 
@@ -80,10 +82,10 @@ def drive_core(core, prompts: list[list[int]], params: dict, stagger: int = 0) -
         if pending and (stagger == 0 or step % stagger == 0):
             take = pending if stagger == 0 else pending[:1]
             for i, p in take:
-                core.add_request(f"r{i}", p, params)
+                core.add_request(AddRequest([f"r{i}"], p, params))
             pending = pending[len(take) :]
         for o in core.step():
-            assert (o.finish_reason or {}).get("type") != "abort", o.finish_reason
+            assert o.finish_reason is None or not o.finish_reason.is_abort, o.finish_reason
             outs.setdefault(o.rid, []).extend(o.new_token_ids)
             cached[o.rid] = o.cached_tokens
         core.check()

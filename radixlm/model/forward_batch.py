@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from radixlm.cache.kv_pool import KVPool
+    from radixlm.kv.kv_pool import KVPool
     from radixlm.layers.attention_backends.base import AttentionBackend
 
 

@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radixlm.messages import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-
-
-class ModelLoadError(ValueError):
-    """A model folder, config or checkpoint is missing or does not fit the model."""
 
 
 def resolve_model_path(model_path: str, revision: str | None = None) -> Path:

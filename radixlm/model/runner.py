@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from radixlm.cache.kv_pool import KVPool, ReqToTokenPool
 from radixlm.config import EngineConfig
-from radixlm.engine.scheduler import ScheduledBatch
+from radixlm.core.scheduler import ScheduledBatch
+from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
+from radixlm.messages import ModelInfo
 from radixlm.model import loader
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
@@ -20,20 +20,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 DEFAULT_MEM_FRACTION = {"cpu": 0.25, "cuda": 0.85}
-
-
-@dataclass
-class ModelInfo:
-    model_path: str
-    architecture: str
-    model_impl: str
-    model_impl_reason: str
-    dtype: str
-    device: str
-    context_length: int
-    vocab_size: int
-    kv_capacity: int
-    max_running_requests: int
 
 
 class ModelRunner:

@@ -22,7 +22,6 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from radixlm.engine.ipc import AbortRequest
 from radixlm.server.errors import APIError, error_body
 from radixlm.server.metrics import ServerMetrics
 from radixlm.server.protocol import PromptTokensDetails, Usage
@@ -30,10 +29,6 @@ from radixlm.server.protocol import PromptTokensDetails, Usage
 logger = logging.getLogger("radixlm.server")
 
 T = TypeVar("T")
-
-# The message an abort from a client (disconnect, /abort_request) carries; any other abort is the engine's.
-CLIENT_ABORT_MESSAGE = AbortRequest("").message
-
 
 def engine_alive(engine: Any) -> bool:
     is_alive = getattr(engine, "is_alive", None)
@@ -103,14 +98,16 @@ class ServerContext:
         return ChunkStream(self, gen, rids, keys, arrival)
 
     def check_failed(self, reason: dict[str, Any] | None, completion_tokens: int) -> None:
-        """An abort the caller did not ask for is an error: 503 if the engine died, else 400."""
+        """An abort the caller did not ask for is an error, with the status the engine gave it: 503 when
+        the engine died or shut down, 400 when the core refused a request it cannot serve (e.g. a prompt
+        larger than the KV pool) before it produced anything."""
         if not reason or reason.get("type") != "abort":
             return
         message = str(reason.get("message", "aborted"))
-        if self.engine is not None and not engine_alive(self.engine):
+        status = reason.get("status_code")
+        if status == 503 or (self.engine is not None and not engine_alive(self.engine)):
             raise APIError(503, message, code="engine_dead")
-        if completion_tokens == 0 and message != CLIENT_ABORT_MESSAGE:
-            # The core refused the request at admission (e.g. a prompt larger than the KV pool).
+        if status == 400 and completion_tokens == 0:
             raise APIError(400, message)
 
 

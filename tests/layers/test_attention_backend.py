@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixlm.cache.kv_pool import KVPool, ReqToTokenPool
+from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from radixlm.cache.kv_pool import KVPool, ReqToTokenPool
+from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
 from radixlm.layers.activation import get_act_and_mul
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.norm import RMSNorm

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core import EngineCore
+from radixlm.core.engine_core import EngineCore
 from radixlm.testing import cached_model_folder
 from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy, random_prompts
 

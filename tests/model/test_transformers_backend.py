@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core import EngineCore
+from radixlm.core.engine_core import EngineCore
+from radixlm.messages import AddRequest
 from radixlm.model.loader import ModelLoadError
 from radixlm.testing import cached_model_folder
 from tests.parity_utils import assert_greedy_match, hf_greedy, random_prompts
@@ -69,7 +70,7 @@ def _core(path, **kw) -> EngineCore:
 
 
 def _greedy(core: EngineCore, prompt: list[int], n: int) -> list[int]:
-    core.add_request("x", prompt, {"max_new_tokens": n, "temperature": 0, "ignore_eos": True})
+    core.add_request(AddRequest(["x"], prompt, {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}))
     out: list[int] = []
     while core.has_work():
         for o in core.step():

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Protocol
 
-from radixlm.cache.radix_cache import PrefixCache
-from radixlm.engine.request import Request
+from radixlm.core.request import Request
+from radixlm.kv.radix_cache import PrefixCache
 
 LPM_FALLBACK_QUEUE_LEN = 128
 

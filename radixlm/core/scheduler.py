@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from radixlm.cache.kv_pool import KVPool, ReqToTokenPool
-from radixlm.cache.radix_cache import PrefixCache
-from radixlm.engine.request import Request, RequestStatus
-from radixlm.engine.schedule_policy import SchedulePolicy
+from radixlm.core.request import Request, RequestStatus
+from radixlm.core.schedule_policy import SchedulePolicy
+from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
+from radixlm.kv.radix_cache import PrefixCache
+from radixlm.messages import ABORT_CLIENT, ABORT_REFUSED, FinishReason
 
 # A waiting request that shares at least this many uncached tokens with a prompt in progress waits for it.
 SHARED_PREFIX_WAIT_THRESHOLD = 32
@@ -113,12 +114,12 @@ class Scheduler:
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
-                req.finish({"type": "abort", "message": message})
+                req.finish(FinishReason.abort(ABORT_CLIENT, message))
                 return req
         for req in self.running:
             if req.rid == rid:
                 self.release(req)
-                req.finish({"type": "abort", "message": message})
+                req.finish(FinishReason.abort(ABORT_CLIENT, message))
                 return req
         return None
 
@@ -151,7 +152,7 @@ class Scheduler:
                     self.retract(req)  # it is the newest; it resumes when memory frees up
                 else:
                     self.release(req)  # alone and still does not fit: it can never finish
-                    req.finish({"type": "abort", "message": "the KV cache is too small for this request"})
+                    req.finish(FinishReason.abort(ABORT_REFUSED, "the KV cache is too small for this request"))
                     self._aborted.append(req)
                 continue
             if n > 1:

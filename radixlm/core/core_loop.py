@@ -10,8 +10,21 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from radixlm.engine.core import EngineCore
-from radixlm.engine.ipc import AbortRequest, AddRequest, ControlReply, ControlRequest, StepOutputs
+from radixlm.core.engine_core import EngineCore
+from radixlm.messages import (
+    ABORT_REFUSED,
+    AbortRequest,
+    AddRequest,
+    CheckInvariants,
+    ControlCall,
+    ControlReply,
+    FinishReason,
+    FlushCache,
+    GetServerInfo,
+    RequestOutput,
+    Shutdown,
+    StepOutputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +34,10 @@ def run_core_loop(
     receive: Callable[[bool], list[Any]],
     send: Callable[[Any], None],
 ) -> None:
-    """Runs until a ControlRequest('shutdown') arrives. `receive(block)` returns pending messages."""
+    """Runs until a Shutdown call arrives. `receive(block)` returns pending messages."""
     while True:
         for msg in receive(not core.has_work()):
-            if isinstance(msg, ControlRequest) and msg.method == "shutdown":
+            if isinstance(msg, Shutdown):
                 send(ControlReply(msg.call_id, True))
                 return
             reply = _apply(core, msg)
@@ -39,39 +52,31 @@ def run_core_loop(
 def _apply(core: EngineCore, msg: Any) -> Any:
     if isinstance(msg, AddRequest):
         try:
-            core.add_request(
-                msg.rid,
-                msg.input_ids,
-                msg.sampling_params,
-                return_logprob=msg.return_logprob,
-                top_logprobs_num=msg.top_logprobs_num,
-            )
+            core.add_request(msg)
         except (ValueError, TypeError) as exc:  # the front validates; this is the core's own safety net
-            from radixlm.engine.core import RequestOutput
-
-            reason = {"type": "abort", "message": str(exc)}
-            return StepOutputs([RequestOutput(msg.rid, [], True, reason, len(msg.input_ids), 0, 0)])
+            reason = FinishReason.abort(ABORT_REFUSED, str(exc))
+            return StepOutputs([RequestOutput(rid, [], reason, len(msg.input_ids), 0, 0) for rid in msg.rids])
         return None
     if isinstance(msg, AbortRequest):
         out = core.abort(msg.rid, msg.message)
         return StepOutputs([out]) if out is not None else None
-    if isinstance(msg, ControlRequest):
+    if isinstance(msg, ControlCall):
         return _control(core, msg)
     logger.error("core: ignoring unknown message %r", msg)
     return None
 
 
-def _control(core: EngineCore, msg: ControlRequest) -> ControlReply:
+def _control(core: EngineCore, msg: ControlCall) -> ControlReply:
     try:
-        if msg.method == "flush_cache":
+        if isinstance(msg, FlushCache):
             ok, text = core.flush_cache()
             return ControlReply(msg.call_id, ok, text)
-        if msg.method == "server_info":
+        if isinstance(msg, GetServerInfo):
             return ControlReply(msg.call_id, True, core.server_info())
-        if msg.method == "check":
+        if isinstance(msg, CheckInvariants):
             core.check()
             return ControlReply(msg.call_id, True)
-        return ControlReply(msg.call_id, False, error=f"unknown control method {msg.method!r}")
+        return ControlReply(msg.call_id, False, error=f"unknown control call {type(msg).__name__}")
     except Exception as exc:  # report, do not kill the core
         return ControlReply(
             msg.call_id, False, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"

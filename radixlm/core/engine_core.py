@@ -8,37 +8,22 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from radixlm.cache.radix_cache import NoPrefixCache, RadixCache
 from radixlm.config import EngineConfig
-from radixlm.engine.request import Request
-from radixlm.engine.schedule_policy import make_policy
-from radixlm.engine.scheduler import Scheduler
-from radixlm.engine.stop_checker import StopChecker
+from radixlm.core.request import Request
+from radixlm.core.schedule_policy import make_policy
+from radixlm.core.scheduler import Scheduler
+from radixlm.core.stop_checker import StopChecker
+from radixlm.kv.radix_cache import NoPrefixCache, RadixCache
+from radixlm.messages import AddRequest, ModelInfo, RequestOutput
 from radixlm.model.runner import ModelRunner
 from radixlm.model.sampler import SamplingBatch
 from radixlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (only new tokens; the front accumulates)."""
-
-    rid: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: dict[str, Any] | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    new_logprobs: list[float] = field(default_factory=list)
-    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class EngineCore:
@@ -72,32 +57,27 @@ class EngineCore:
         self.total_cached_tokens = 0
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(
-        self,
-        rid: str,
-        input_ids: list[int],
-        sampling_params: SamplingParams | dict[str, Any] | None = None,
-        *,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-    ) -> None:
-        """Validate and queue. Bad input raises ValueError and leaves the engine untouched."""
-        params = SamplingParams.from_any(sampling_params)
-        self._validate_prompt(rid, input_ids)
-        room = self.runner.context_length - len(input_ids)
+    def add_request(self, msg: AddRequest) -> None:
+        """Queue one prompt and its samples. Bad input raises ValueError and leaves the engine untouched."""
+        params = SamplingParams.from_any(msg.sampling_params)
+        for rid in msg.rids:
+            self._validate_prompt(rid, msg.input_ids)
+        room = self.runner.context_length - len(msg.input_ids)
         if params.max_new_tokens > room:
             params = SamplingParams.from_any({**params.to_dict(), "max_new_tokens": room})
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(
-            rid,
-            list(input_ids),
-            params,
-            seed,
-            return_logprob=return_logprob,
-            top_logprobs_num=top_logprobs_num,
-        )
-        self._requests[rid] = req
-        self.scheduler.add_request(req)
+        for k, rid in enumerate(msg.rids):
+            # n samples of one prompt draw from distinct but reproducible streams
+            seed = params.seed + k if params.seed is not None else self._rng.getrandbits(63)
+            req = Request(
+                rid,
+                list(msg.input_ids),
+                params,
+                seed,
+                return_logprob=msg.return_logprob,
+                top_logprobs_num=msg.top_logprobs_num,
+            )
+            self._requests[rid] = req
+            self.scheduler.add_request(req)
 
     def _validate_prompt(self, rid: str, input_ids: list[int]) -> None:
         if rid in self._requests:
@@ -199,7 +179,6 @@ class EngineCore:
         return RequestOutput(
             rid=req.rid,
             new_token_ids=new_ids,
-            finished=req.finished,
             finish_reason=req.finish_reason,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
@@ -234,6 +213,11 @@ class EngineCore:
 
     def check(self) -> None:
         self.scheduler.check()
+
+    def model_info(self) -> ModelInfo:
+        info = self.runner.info()
+        info.eos_token_ids = list(self.eos_token_ids)
+        return info
 
 
 def _eos_token_ids(runner: ModelRunner) -> list[int]:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixlm.cache.kv_pool import KVPool
+from radixlm.kv.kv_pool import KVPool
 
 _CHUNK = 64  # token run compared at once when looking for the first mismatch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.cache.kv_pool import KVPool
+from radixlm.kv.kv_pool import KVPool
 
 
 def make_pool(capacity: int, page_size: int) -> KVPool:

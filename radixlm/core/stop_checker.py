@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from radixlm.engine.request import Request
+from radixlm.core.request import Request
+from radixlm.messages import FinishReason
 
 # Extra tokens decoded beyond the longest stop string: tokens can be shorter than one character (bytes).
 _STOP_TAIL_SLACK = 8
@@ -16,17 +15,17 @@ class StopChecker:
         self.eos_token_ids = frozenset(eos_token_ids)
         self._tokenizer = None  # loaded on the first request with stop strings
 
-    def check(self, req: Request, context_length: int) -> dict[str, Any] | None:
+    def check(self, req: Request, context_length: int) -> FinishReason | None:
         params = req.params
         last = req.output_ids[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids):
-            return {"type": "stop", "matched": last}
+            return FinishReason.stop(last)
         if params.stop:
             matched = self._match_stop_string(req)
             if matched is not None:
-                return {"type": "stop", "matched": matched}
+                return FinishReason.stop(matched)
         if len(req.output_ids) >= params.max_new_tokens or req.num_tokens >= context_length:
-            return {"type": "length", "length": len(req.output_ids)}
+            return FinishReason.of_length(len(req.output_ids))
         return None
 
     def _match_stop_string(self, req: Request) -> str | None:

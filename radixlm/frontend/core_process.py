@@ -49,8 +49,8 @@ from typing import Any
 import zmq
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core_client import CoreClientBase
-from radixlm.engine.ipc import ControlRequest, CoreFailed, CoreReady, decode, encode
+from radixlm.frontend.core_client import CoreClientBase
+from radixlm.messages import FAILED_RUNTIME, FAILED_SHUTDOWN, CoreFailed, CoreReady, Shutdown, decode, encode
 
 logger = logging.getLogger("radixlm")
 
@@ -96,22 +96,22 @@ def run_core_process(
     exit_code = 1
     try:
         try:
-            from radixlm.engine.core import EngineCore
+            from radixlm.core.engine_core import EngineCore
 
             core = EngineCore(EngineConfig(**config_fields))
         except Exception as exc:
-            send(CoreFailed(_startup_error(exc)))
+            send(_startup_failure(exc))
             return
-        send(CoreReady(dataclasses.asdict(core.runner.info())))
+        send(CoreReady(core.model_info()))
 
-        from radixlm.engine.core_loop import run_core_loop
+        from radixlm.core.core_loop import run_core_loop
 
         try:
             run_core_loop(core, functools.partial(_receive, requests), send)
             exit_code = 0
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
             logger.error("engine core crashed:\n%s", traceback.format_exc())
-            send(CoreFailed(f"{type(exc).__name__}: {exc}"))
+            send(CoreFailed(FAILED_RUNTIME, f"{type(exc).__name__}: {exc}"))
     finally:
         # linger: the last message (CoreFailed, or the reply to "shutdown") must reach the parent before
         # term() returns.
@@ -143,22 +143,13 @@ def _receive(sock: zmq.Socket, block: bool) -> list[Any]:
             return msgs
 
 
-def _startup_error(exc: BaseException) -> str:
-    """CoreFailed text "<Kind>: <message>": the parent raises <Kind> again (`_startup_message`), so a bad
-    model path is the same ModelLoadError (a ValueError) as in inline mode. Unexpected kinds: RuntimeError."""
-    from radixlm.model.loader import ModelLoadError
-
-    if isinstance(exc, ModelLoadError):
-        kind = "ModelLoadError"
-    elif isinstance(exc, ValueError):
-        kind = "ValueError"
-    elif isinstance(exc, TypeError):
-        kind = "TypeError"
-    else:  # unexpected: the traceback is the useful part, and only this process has it
+def _startup_failure(exc: BaseException) -> CoreFailed:
+    """The parent raises the same kind again (`_startup_message`), so a bad model path is the same
+    ModelLoadError (a ValueError) as in inline mode."""
+    failed = CoreFailed.from_exception(exc)
+    if failed.kind == FAILED_RUNTIME:  # unexpected: the traceback is the useful part, and only we have it
         logger.error("engine core failed to start:\n%s", traceback.format_exc())
-        kind = "RuntimeError"
-    name = type(exc).__name__
-    return f"{kind}: {exc}" if name == kind else f"{kind}: {name}: {exc}"
+    return failed
 
 
 def _watch_parent(parent_pid: int, socket_dir: str) -> None:
@@ -287,19 +278,10 @@ class ProcessCoreClient(CoreClientBase):
 
     def _startup_message(self, msg: Any) -> dict[str, Any]:
         if isinstance(msg, CoreReady):
-            return msg.model_info
+            return msg.model_info.as_dict()
         if isinstance(msg, CoreFailed):
             self._proc.join(timeout=10)  # it exits right after sending this; reap it before raising
-            kind, _, text = msg.error.partition(": ")
-            if kind == "ModelLoadError":
-                from radixlm.model.loader import ModelLoadError
-
-                raise ModelLoadError(text)
-            if kind == "ValueError":
-                raise ValueError(text)
-            if kind == "TypeError":
-                raise TypeError(text)
-            raise RuntimeError(f"the engine core failed to start: {text}")
+            raise msg.to_exception()
         raise RuntimeError(f"the engine core sent {type(msg).__name__} before CoreReady")
 
     # ---- running -----------------------------------------------------------------------------------
@@ -324,7 +306,7 @@ class ProcessCoreClient(CoreClientBase):
                 with contextlib.suppress(ValueError):
                     reason += f" (killed by {signal.Signals(-code).name})"
             logger.error("%s", reason)
-            self._dispatch(CoreFailed(reason))
+            self._dispatch(CoreFailed(FAILED_RUNTIME, reason))
 
     def _drain(self) -> None:
         while True:
@@ -358,14 +340,14 @@ class ProcessCoreClient(CoreClientBase):
             # Not self.call(): the reply is not needed, the exit is what we wait for.
             if self._send_lock.acquire(timeout=2.0):
                 try:
-                    self._requests.send(encode(ControlRequest(-1, "shutdown")), zmq.NOBLOCK)
+                    self._requests.send(encode(Shutdown(-1)), zmq.NOBLOCK)
                 finally:
                     self._send_lock.release()
             self._proc.join(timeout=timeout)
         self._dispose(graceful=True)
         # Requests still in flight get an abort now instead of waiting forever on a core that is gone.
         try:
-            self._dispatch(CoreFailed("the engine was shut down"))
+            self._dispatch(CoreFailed(FAILED_SHUTDOWN, "the engine was shut down"))
         except Exception:  # e.g. a caller's event loop already closed: nothing left to tell
             logger.debug("could not notify requests of the shutdown", exc_info=True)
 

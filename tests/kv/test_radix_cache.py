@@ -17,8 +17,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixlm.cache.kv_pool import KVPool
-from radixlm.cache.radix_cache import NoPrefixCache, RadixCache, TreeNode
+from radixlm.kv.kv_pool import KVPool
+from radixlm.kv.radix_cache import NoPrefixCache, RadixCache, TreeNode
 
 # ---- helpers ---------------------------------------------------------------------------------------
 

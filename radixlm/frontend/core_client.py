@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import queue
@@ -18,9 +17,19 @@ from concurrent.futures import Future
 from typing import Any
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core import RequestOutput
-from radixlm.engine.core_loop import run_core_loop
-from radixlm.engine.ipc import AddRequest, ControlReply, ControlRequest, CoreFailed, StepOutputs
+from radixlm.core.core_loop import run_core_loop
+from radixlm.messages import (
+    ABORT_CORE_DIED,
+    FAILED_RUNTIME,
+    AddRequest,
+    ControlCall,
+    ControlReply,
+    CoreFailed,
+    FinishReason,
+    RequestOutput,
+    Shutdown,
+    StepOutputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ class CoreClientBase:
     def is_alive(self) -> bool:
         return self.dead_reason is None
 
-    def call(self, method: str, timeout: float | None = 60.0) -> ControlReply:
+    def call(self, call_type: type[ControlCall], timeout: float | None = 60.0) -> ControlReply:
         fut: Future = Future()
         # Check and register under the lock that `_mark_dead` takes: a core that dies between the two
         # would otherwise leave this future unanswered until its timeout.
@@ -54,7 +63,7 @@ class CoreClientBase:
                 raise RuntimeError(f"the engine core is not running: {self.dead_reason}")
             call_id = next(self._call_ids)
             self._pending[call_id] = fut
-        self.send(ControlRequest(call_id, method))
+        self.send(call_type(call_id))
         return fut.result(timeout=timeout)
 
     def _dispatch(self, msg: Any) -> None:
@@ -65,7 +74,7 @@ class CoreClientBase:
                 fut.set_result(msg)
             return
         if isinstance(msg, CoreFailed):
-            if not self._mark_dead(msg.error):
+            if not self._mark_dead(msg.message):
                 return  # already reported: the Engine has failed every request once
         self._on_message(msg)
 
@@ -86,18 +95,18 @@ class CoreClientBase:
         Needed for the request that registers just after the CoreFailed fan-out went through the Engine.
         """
         if isinstance(msg, AddRequest):
-            reason = {"type": "abort", "message": f"engine core died: {self.dead_reason}"}
-            out = RequestOutput(msg.rid, [], True, reason, len(msg.input_ids), 0, 0)
-            self._on_message(StepOutputs([out]))
+            reason = FinishReason.abort(ABORT_CORE_DIED, f"engine core died: {self.dead_reason}")
+            outs = [RequestOutput(rid, [], reason, len(msg.input_ids), 0, 0) for rid in msg.rids]
+            self._on_message(StepOutputs(outs))
 
 
 class InlineCoreClient(CoreClientBase):
     def __init__(self, config: EngineConfig, on_message: Callable[[Any], None]) -> None:
         super().__init__(on_message)
-        from radixlm.engine.core import EngineCore
+        from radixlm.core.engine_core import EngineCore
 
         self.core = EngineCore(config)
-        self.model_info = dataclasses.asdict(self.core.runner.info())
+        self.model_info = self.core.model_info().as_dict()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="radixlm-core", daemon=True)
         self._thread.start()
@@ -123,10 +132,10 @@ class InlineCoreClient(CoreClientBase):
             run_core_loop(self.core, self._receive, self._dispatch)
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
             logger.error("engine core crashed:\n%s", traceback.format_exc())
-            self._dispatch(CoreFailed(f"{type(exc).__name__}: {exc}"))
+            self._dispatch(CoreFailed(FAILED_RUNTIME, f"{type(exc).__name__}: {exc}"))
 
     def shutdown(self) -> None:
         if self.dead_reason is None and self._thread.is_alive():
-            self.call("shutdown")
+            self.call(Shutdown)
         self._thread.join(timeout=30)
         self.dead_reason = self.dead_reason or "shut down"

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core import EngineCore
+from radixlm.core.engine_core import EngineCore
+from radixlm.messages import AddRequest
 from radixlm.testing import cached_model_folder
 from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy
 
@@ -124,7 +125,7 @@ def test_n_samples_and_same_wave_requests_compute_a_shared_prompt_once() -> None
 
 def test_flush_cache_refuses_while_running_and_empties_when_idle() -> None:
     core = _core()
-    core.add_request("a", list(range(5, 60)), GREEDY)
+    core.add_request(AddRequest(["a"], list(range(5, 60)), GREEDY))
     ok, msg = core.flush_cache()
     assert not ok and "running" in msg
     while core.has_work():
@@ -160,7 +161,7 @@ def test_n_copies_of_a_short_prompt_compute_it_once() -> None:
     core = _core()
     prompt = list(range(10, 30))  # 20 tokens: shorter than the long-prefix threshold
     for i in range(4):
-        core.add_request(f"c{i}", prompt, {**GREEDY, "max_new_tokens": 1})
+        core.add_request(AddRequest([f"c{i}"], prompt, {**GREEDY, "max_new_tokens": 1}))
     while core.has_work():
         core.step()
         core.check()

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from radixlm.messages import FinishReason
 from radixlm.sampling_params import SamplingParams
 
 
@@ -44,7 +45,7 @@ class Request:
     last_node: Any = None  # the tree node locked on this request's behalf
     # reporting
     cached_tokens: int = 0  # prefix-cache hit at first admission
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     admit_order: int = 0
     num_retractions: int = 0
@@ -68,6 +69,6 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def finish(self, reason: dict[str, Any]) -> None:
+    def finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
         self.status = RequestStatus.FINISHED

@@ -23,9 +23,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from radixlm.config import EngineConfig
-from radixlm.engine.core import RequestOutput
-from radixlm.engine.ipc import AbortRequest, AddRequest, CoreFailed, StepOutputs
-from radixlm.engine.tokenizer_manager import IncrementalDetokenizer, TokenizerManager
+from radixlm.frontend.tokenizer_manager import IncrementalDetokenizer, TokenizerManager
+from radixlm.messages import (
+    ABORT_CORE_DIED,
+    ABORT_SHUTDOWN,
+    FAILED_SHUTDOWN,
+    AbortRequest,
+    AddRequest,
+    CheckInvariants,
+    CoreFailed,
+    FinishReason,
+    FlushCache,
+    GetServerInfo,
+    RequestOutput,
+    StepOutputs,
+)
 from radixlm.sampling_params import SamplingParams
 
 logger = logging.getLogger("radixlm")
@@ -92,10 +104,10 @@ class Engine:
 
     def _make_client(self):
         if self.config.inline_core:
-            from radixlm.engine.core_client import InlineCoreClient
+            from radixlm.frontend.core_client import InlineCoreClient
 
             return InlineCoreClient(self.config, self._on_core_message)
-        from radixlm.engine.core_process import ProcessCoreClient
+        from radixlm.frontend.core_process import ProcessCoreClient
 
         return ProcessCoreClient(self.config, self._on_core_message)
 
@@ -184,7 +196,7 @@ class Engine:
 
     def get_server_info(self) -> dict[str, Any]:
         self._check_alive()
-        reply = self._client.call("server_info")
+        reply = self._client.call(GetServerInfo)
         if not reply.ok:
             raise RuntimeError(reply.error)
         return {
@@ -194,12 +206,12 @@ class Engine:
         }
 
     def flush_cache(self) -> dict[str, Any]:
-        reply = self._client.call("flush_cache")
+        reply = self._client.call(FlushCache)
         return {"success": reply.ok, "message": reply.result if reply.ok else (reply.error or reply.result)}
 
     def check(self) -> None:
         """Assert the KV accounting invariant (DESIGN.md invariant 2); for tests."""
-        reply = self._client.call("check")
+        reply = self._client.call(CheckInvariants)
         if not reply.ok:
             raise AssertionError(reply.error)
 
@@ -294,7 +306,7 @@ class Engine:
             len(item.input_ids),
         )
         self._states[rid] = state
-        self._client.send(AddRequest(rid, item.input_ids, item.params.to_dict(), return_logprob, top_n))
+        self._client.send(AddRequest([rid], item.input_ids, item.params.to_dict(), return_logprob, top_n))
         try:
             while not state.finished:
                 out = await state.queue.get()
@@ -327,7 +339,7 @@ class Engine:
             "prompt_tokens": state.prompt_tokens,
             "completion_tokens": len(state.output_ids),
             "cached_tokens": out.cached_tokens if out else 0,
-            "finish_reason": out.finish_reason if out and out.finished else None,
+            "finish_reason": out.finish_reason.to_dict() if out and out.finish_reason else None,
             "e2e_latency": time.perf_counter() - state.start,
         }
         if return_logprob:
@@ -336,7 +348,7 @@ class Engine:
         return meta
 
     def _final(self, state: _RequestState, return_logprob: bool, index: int) -> dict[str, Any]:
-        text = state.detok.final_text(state.last.finish_reason if state.last else None)
+        text = state.detok.final_text(_reason_dict(state.last))
         return {
             "text": text,
             "output_ids": list(state.output_ids),
@@ -347,7 +359,7 @@ class Engine:
     def _chunk(
         self, state: _RequestState, new_ids: list[int], return_logprob: bool, index: int
     ) -> dict[str, Any]:
-        delta = state.detok.take_delta(state.finished, state.last.finish_reason if state.last else None)
+        delta = state.detok.take_delta(state.finished, _reason_dict(state.last))
         return {
             "text": delta,
             "output_ids": list(new_ids),
@@ -364,14 +376,12 @@ class Engine:
                     state.loop.call_soon_threadsafe(state.queue.put_nowait, out)
         elif isinstance(msg, CoreFailed):
             for state in list(self._states.values()):
+                if msg.kind == FAILED_SHUTDOWN:
+                    reason = FinishReason.abort(ABORT_SHUTDOWN, msg.message)
+                else:
+                    reason = FinishReason.abort(ABORT_CORE_DIED, f"engine core died: {msg.message}")
                 failed = RequestOutput(
-                    state.rid,
-                    [],
-                    True,
-                    {"type": "abort", "message": f"engine core died: {msg.error}"},
-                    state.prompt_tokens,
-                    len(state.output_ids),
-                    0,
+                    state.rid, [], reason, state.prompt_tokens, len(state.output_ids), 0
                 )
                 state.loop.call_soon_threadsafe(state.queue.put_nowait, failed)
 
@@ -391,6 +401,10 @@ class Engine:
                     return
         finally:
             asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+
+def _reason_dict(out: RequestOutput | None) -> dict[str, Any] | None:
+    return out.finish_reason.to_dict() if out is not None and out.finish_reason is not None else None
 
 
 async def _merge_streams(gens: list[AsyncIterator[dict]]) -> AsyncIterator[dict]:

@@ -1,0 +1,1 @@
+"""The core process: token ids in, token ids out (scheduler, requests, stop checks)."""
