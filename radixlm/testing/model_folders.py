@@ -23,10 +23,13 @@ weights are reshaped after init (see `_shape_weights`) to make tests sharp:
 - norm weights and biases are randomised around their neutral values, so an implementation that
   drops a bias, ignores a norm weight or gets Gemma's `1 + w` convention wrong gives other tokens.
 
-Sizes: `tiny` (hidden 64, 2-4 layers, vocab 2048, float32) runs in milliseconds on CPU; `0.5b` has
-the Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied
+Sizes: `tiny` (hidden 64, 2-4 layers, vocab 2048, float32) runs in milliseconds on CPU; `small`
+(hidden 512, 8 layers, 8 heads, 2 KV heads, head_dim 64, intermediate 1408, vocab 32000, ~40M
+parameters, bfloat16 by default) is a real transformer shape that still decodes a batch of 256 on a
+laptop CPU, for overhead benchmarks where tiny's forward is too small to be a fair yardstick; `0.5b`
+has the Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied
 embeddings) for every architecture, in bfloat16 by default, for benchmarks and GPU runs.
-Both are deterministic: the same (arch, size, seed, dtype) gives byte-identical files.
+All are deterministic: the same (arch, size, seed, dtype) gives byte-identical files.
 Note that bf16 logits are quantised (steps of 0.0625 near 10), so exact top-2 ties do occur with
 0.5b in bf16; load it in float32 for parity-style checks.
 """
@@ -69,10 +72,10 @@ ARCHITECTURES: tuple[str, ...] = (
     "granite",
 )
 REQUIRED_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES[:5]
-SIZES: tuple[str, ...] = ("tiny", "0.5b")
+SIZES: tuple[str, ...] = ("tiny", "small", "0.5b")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEFAULT_DTYPE = {"tiny": "float32", "0.5b": "bfloat16"}
+_DEFAULT_DTYPE = {"tiny": "float32", "small": "bfloat16", "0.5b": "bfloat16"}
 
 # Target std of the logits over the vocabulary. The top-2 gap of N Gaussians is ~std/sqrt(2 ln N),
 # so P(gap < 1e-3) per step is ~1e-3 * 4 / LOGIT_STD: rare, while sampling is still not one-hot.
@@ -97,6 +100,20 @@ def _common(size: str) -> dict[str, Any]:
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
+    if size == "small":
+        # Qwen2-like proportions (intermediate ~2.75x hidden, 4 query heads per KV head) with a
+        # Llama-sized vocabulary; the tokenizer is padded up to it as for 0.5b. Untied by default
+        # (qwen2, qwen3, gemma and granite tie anyway), so llama's LM head is its own matrix.
+        return dict(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
             tie_word_embeddings=False,
         )
     return dict(  # Qwen2.5-0.5B
@@ -191,8 +208,9 @@ def _arch_kwargs(arch: str, size: str) -> tuple[type, dict[str, Any]]:
             **kw,
             "num_experts": 4 if tiny else 8,
             "num_experts_per_tok": 2,
-            "moe_intermediate_size": 64 if tiny else 1216,
-            "shared_expert_intermediate_size": 128 if tiny else 2432,
+            # 0.5b: 1216 and 2432 (a quarter and half of its dense intermediate); small alike.
+            "moe_intermediate_size": 64 if tiny else kw["intermediate_size"] // 4,
+            "shared_expert_intermediate_size": 128 if tiny else kw["intermediate_size"] // 2,
             "decoder_sparse_step": 1,
             "norm_topk_prob": False,
             "rope_theta": 1e6,
@@ -223,7 +241,7 @@ def _check(arch: str, size: str) -> None:
 def make_config(arch: str, size: str = "tiny"):
     """The transformers config a folder of (arch, size) gets, without writing anything.
 
-    Cheap (no weights): tests can check shape fields of the 0.5b size with it.
+    Cheap (no weights): tests can check shape fields of the small and 0.5b sizes with it.
     """
     _check(arch, size)
     cls, kwargs = _arch_kwargs(arch, size)
@@ -402,7 +420,7 @@ def make_model_folder(
     tokenizer_config.json (with a ChatML chat template) and special_tokens_map.json, and loads with
     AutoConfig / AutoTokenizer / AutoModelForCausalLM.from_pretrained. `out` is created if needed;
     existing files in it are overwritten. dtype: "float32", "bfloat16", "float16", or "auto"
-    (float32 for tiny, bfloat16 for 0.5b). Returns `out` as a Path.
+    (float32 for tiny, bfloat16 for small and 0.5b). Returns `out` as a Path.
     """
     _check(arch, size)
     if not isinstance(seed, int) or isinstance(seed, bool):

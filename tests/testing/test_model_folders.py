@@ -43,7 +43,7 @@ def _sha(path: pathlib.Path) -> str:
 def test_public_constants() -> None:
     assert REQUIRED_ARCHITECTURES == ("llama", "qwen2", "qwen3", "mistral", "gemma3")
     assert ARCHITECTURES[:5] == REQUIRED_ARCHITECTURES
-    assert SIZES == ("tiny", "0.5b")
+    assert SIZES == ("tiny", "small", "0.5b")
 
 
 @pytest.mark.parametrize("arch", REQUIRED_ARCHITECTURES)
@@ -202,6 +202,38 @@ def test_0_5b_config_shape(arch: str) -> None:
     if arch != "gpt_neox":  # GPT-NeoX has no GQA
         assert config.num_key_value_heads == 2
     assert config.architectures and config.architectures[0].endswith("ForCausalLM")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_small_config_shape(arch: str) -> None:
+    """The small shape (hidden 512, 8 layers, 8 heads, 2 KV heads, vocab 32k) for every arch."""
+    config = make_config(arch, "small")
+    assert config.hidden_size == 512 and config.num_hidden_layers == 8
+    assert config.num_attention_heads == 8 and config.vocab_size == 32000
+    assert config.max_position_embeddings == 32768
+    assert getattr(config, "head_dim", None) in (None, 64)
+    if arch != "gpt_neox":  # GPT-NeoX has no GQA
+        assert config.num_key_value_heads == 2
+    assert config.architectures and config.architectures[0].endswith("ForCausalLM")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_small_folder_loads_with_transformers(tmp_path, arch: str) -> None:
+    """A small folder is complete: weights load with no missing keys and the tokenizer is padded to 32k."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_model_folder(arch, "small", tmp_path / arch)
+    tok = AutoTokenizer.from_pretrained(path)
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    assert len(tok) == model.config.vocab_size == 32000
+    assert model.dtype == torch.bfloat16  # the default for small, as for 0.5b
+    assert model.config.tie_word_embeddings is (arch == "qwen2")  # tied as in Qwen2.5, untied as in Llama
+    assert json.loads((path / "radixlm_testing.json").read_text())["size"] == "small"
+    ids = tok(TEXTS[0]).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    assert 2 < logits.std(dim=-1).mean() < 10  # calibrated like the other sizes (std ~LOGIT_STD)
 
 
 def test_padded_tokenizer_decodes_every_id(tmp_path) -> None:
