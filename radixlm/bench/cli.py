@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serving_args(p)
     _add_common(p)
+
+    p = sub.add_parser("overhead", help="per-step host time vs forward time, before (another tree) and after")
+    from radixlm.bench.overhead import add_overhead_args
+
+    add_overhead_args(p)
+    _add_common(p)
     return parser
 
 
@@ -170,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             cb=_cb_options(ns),
         )
         reports = run_prefix(config_from_args(ns), opts)
+    elif ns.bench == "overhead":
+        from radixlm.bench.overhead import run_overhead_from_args
+
+        reports = [run_overhead_from_args(ns)]
     else:
         from radixlm.bench.serving import run_serving_from_args
 
