@@ -556,8 +556,8 @@ class OverheadReport:
                 verdict = "met" if s is not None and s >= 2 else "NOT met"
                 less = "-" if s is None else f"{s:.2f}x"
                 out.append(
-                    f"{tag}: host {_fmt(b['host'])} -> {_fmt(a['host'])} ms/step ({less} less; target 2x: "
-                    f"{verdict}); forward {_fmt(b['forward'])} -> {_fmt(a['forward'])} ms"
+                    f"{tag}: host {_fmt(b['host'])} -> {_fmt(a['host'])} ms/step (before/after {less}; target "
+                    f">= 2x: {verdict}); forward {_fmt(b['forward'])} -> {_fmt(a['forward'])} ms"
                 )
             else:
                 share = a["host"] / a["step"] if a["step"] else 0.0
@@ -565,6 +565,9 @@ class OverheadReport:
             for side in ("before", "after"):
                 if side in r and not r[side]["all_decode"]:
                     out.append(f"  [{side}] (!) not every timed step decoded all {r['batch']} requests")
+                if side in r and r[side]["config_dropped"]:
+                    dropped = ", ".join(r[side]["config_dropped"])
+                    out.append(f"  [{side}] (!) EngineConfig has no {dropped}: that tree used its defaults")
                 if side in r and r[side]["median_ms"].get("forward") is None:
                     out.append(f"  [{side}] (!) model.forward was never called: host time includes forward")
         for side in ("before", "after"):
