@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from radixlm.bench.vllm_baseline import add_vllm_args, options_from_args
 from radixlm.cli_args import add_engine_args, config_from_args
 
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     _add_hf_args(p)
+    add_vllm_args(p)
     _add_engine(p)
 
     p = sub.add_parser("prefix", help="shared-prefix and multi-turn workloads (prefix cache)")
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_hf_args(p)
     p.add_argument("--skip-no-cache", action="store_true", help="skip radixlm with --disable-radix-cache")
+    add_vllm_args(p)
     _add_engine(p)
 
     p = sub.add_parser("serving", help="online serving over HTTP: Poisson arrivals, streaming, latencies")
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_hf_generate=ns.skip_hf_generate,
             skip_generate_batch=ns.skip_generate_batch,
             cb=_cb_options(ns),
+            vllm=options_from_args(ns),
         )
         reports = [run_offline(config_from_args(ns), opts)]
     elif ns.bench == "prefix":
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_generate_batch=ns.skip_generate_batch,
             skip_no_cache=ns.skip_no_cache,
             cb=_cb_options(ns),
+            vllm=options_from_args(ns),
         )
         reports = run_prefix(config_from_args(ns), opts)
     elif ns.bench == "overhead":

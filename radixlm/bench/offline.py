@@ -4,6 +4,8 @@ Systems, one after another on the same requests (one model in memory at a time):
   radixlm                              Engine.generate over all requests at once (ignore_eos, greedy)
   transformers generate (batch N)      static batches of N in arrival order, left-padded; see hf_baselines
   transformers generate_batch (CB)     transformers' continuous batching, per-request max_new_tokens
+  vLLM (optional, --vllm-python)       one LLM.generate over all requests, in vLLM's own process; see
+                                       vllm_baseline
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixlm.bench import hf_baselines as hf
+from radixlm.bench import vllm_baseline as vb
 from radixlm.bench.common import (
     make_result,
     radixlm_result,
@@ -21,7 +24,7 @@ from radixlm.bench.common import (
     start_engine,
     warmup_jobs,
 )
-from radixlm.bench.hf_baselines import GENERATE_BATCH
+from radixlm.bench.hf_baselines import GENERATE_BATCH, Job
 from radixlm.bench.report import BenchReport, SystemResult, environment
 from radixlm.bench.workloads import load_token_pool, random_requests
 from radixlm.config import EngineConfig
@@ -39,6 +42,7 @@ class OfflineOptions:
     skip_hf_generate: bool = False
     skip_generate_batch: bool = False
     cb: hf.ContinuousBatchingOptions = field(default_factory=hf.ContinuousBatchingOptions)
+    vllm: vb.VllmOptions | None = None  # None: no vLLM row
 
 
 def _log(msg: str) -> None:
@@ -91,8 +95,48 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
     finally:
         engine.shutdown()
 
+    statics = _run_transformers(report, config, opts, jobs, warmup, log)
+    if opts.vllm is not None:
+        _run_vllm(report, config, opts, jobs, warmup, [o["output_ids"] for o in outs], log)
+    add_headlines(report, statics)
+    return report
+
+
+def _run_vllm(
+    report: BenchReport,
+    config: EngineConfig,
+    opts: OfflineOptions,
+    jobs: list[Job],
+    warmup: list[Job],
+    reference: list[list[int]],
+    log: Callable[[str], None],
+) -> None:
+    """The vLLM row, from its own process; a failure becomes a headline and keeps the other rows."""
+    try:
+        result = vb.run_job(
+            config.model_path,
+            config.dtype,
+            opts.seed,
+            opts.vllm,
+            warmup,
+            [vb.batch_run("offline", jobs)],
+            log,
+        )
+        report.add(vb.batch_result(result, "offline", jobs, reference, config.dtype))
+    except vb.VllmError as e:
+        vb.report_failure([report], e, log)
+
+
+def _run_transformers(
+    report: BenchReport,
+    config: EngineConfig,
+    opts: OfflineOptions,
+    jobs: list[Job],
+    warmup: list[Job],
+    log: Callable[[str], None],
+) -> list[SystemResult]:
     if opts.skip_hf_generate and opts.skip_generate_batch:
-        return report
+        return []
     hf.quiet_transformers_logs()
     model = hf.load_hf_model(config.model_path, config.dtype, config.device)
     statics: list[SystemResult] = []
@@ -122,9 +166,7 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
             f"max_batch_tokens={cb.cb_config.max_batch_tokens}, num_blocks={cb.cb_config.num_blocks}"
         )
     del model
-
-    add_headlines(report, statics)
-    return report
+    return statics
 
 
 def add_headlines(report: BenchReport, statics: list[SystemResult]) -> None:
@@ -137,3 +179,6 @@ def add_headlines(report: BenchReport, statics: list[SystemResult]) -> None:
     cb = next((r for r in report.results if r.system == GENERATE_BATCH), None)
     if cb is not None and (ratio := report.ratio(cb)) is not None:
         report.headlines.append(f"radixlm vs transformers generate_batch: {ratio:.2f}x")
+    for r in report.results:
+        if vb.is_vllm(r) and (ratio := report.ratio(r)) is not None:
+            report.headlines.append(f"radixlm vs {r.system}: {ratio:.2f}x")

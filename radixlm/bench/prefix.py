@@ -9,6 +9,12 @@ multi-turn     `num_conversations` chats of `num_turns` turns; every turn resend
 Systems: radixlm, radixlm with the radix cache disabled, transformers `generate` (static batches, per
 turn for multi-turn) and transformers continuous batching (the `generate_batch` manager, which has its
 own prefix block sharing). The cache hit rate is radixlm's sum of `cached_tokens` over prompt tokens.
+
+With --vllm-python, vLLM runs both workloads in its own process after one start-up (see vllm_baseline):
+shared-prefix as one LLM.generate over the same shuffled requests, multi-turn with the same arrival
+structure as radixlm's (every first turn at once, each next turn when that conversation's previous turn
+ends, the history built from vLLM's own output). vLLM's prefix cache is reset between the workloads and
+caches whole KV blocks only (block_size tokens), where radixlm's radix cache matches to the token.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm.bench import hf_baselines as hf
+from radixlm.bench import vllm_baseline as vb
 from radixlm.bench.common import (
     make_result,
     radixlm_params,
@@ -61,6 +68,7 @@ class PrefixOptions:
     skip_generate_batch: bool = False
     skip_no_cache: bool = False
     cb: hf.ContinuousBatchingOptions = field(default_factory=hf.ContinuousBatchingOptions)
+    vllm: vb.VllmOptions | None = None  # None: no vLLM row
 
 
 def _log(msg: str) -> None:
@@ -205,6 +213,7 @@ def run_prefix(
             environment=env,
         )
 
+    reference: dict[str, Any] = {}  # radixlm's outputs, for the vLLM row's token comparison
     variants = [(REFERENCE, config)]
     if not opts.skip_no_cache:
         variants.append((NO_CACHE, config.replace(disable_radix_cache=True)))
@@ -215,11 +224,15 @@ def run_prefix(
                 log(f"{name}: shared-prefix, {len(shared_jobs)} requests")
                 outs, seconds = run_radixlm(engine, shared_jobs)
                 reports["shared-prefix"].add(radixlm_result(name, shared_jobs, outs, seconds))
+                if name == REFERENCE:
+                    reference["shared-prefix"] = [o["output_ids"] for o in outs]
             if convs:
                 engine.flush_cache()
                 log(f"{name}: multi-turn, {len(convs)} conversations x {opts.num_turns} turns")
                 jobs, outs, seconds = radixlm_multi_turn(engine, convs)
                 reports["multi-turn"].add(radixlm_result(name, jobs, outs, seconds))
+                if name == REFERENCE:
+                    reference["multi-turn"] = {tuple(p): o["output_ids"] for (p, _), o in zip(jobs, outs)}
         finally:
             engine.shutdown()
 
@@ -282,9 +295,46 @@ def run_prefix(
                 reports["multi-turn"].add(res)
         del model
 
+    if opts.vllm is not None:
+        _run_vllm(reports, config, opts, warmup, shared_jobs, convs, reference, log)
     for report in reports.values():
         _add_headlines(report)
     return list(reports.values())
+
+
+def _run_vllm(
+    reports: dict[str, BenchReport],
+    config: EngineConfig,
+    opts: PrefixOptions,
+    warmup: list[Job],
+    shared_jobs: list[Job],
+    convs: list[Conversation],
+    reference: dict[str, Any],
+    log: Callable[[str], None],
+) -> None:
+    """Both workloads in one vLLM process (one start-up); a failure leaves every other row in place."""
+    runs = []
+    if shared_jobs:
+        runs.append(vb.batch_run("shared-prefix", shared_jobs))
+    if convs:
+        runs.append(vb.multi_turn_run("multi-turn", convs))
+    try:
+        result = vb.run_job(config.model_path, config.dtype, opts.seed, opts.vllm, warmup, runs, log)
+        if shared_jobs:
+            res = vb.batch_result(
+                result,
+                "shared-prefix",
+                shared_jobs,
+                reference.get("shared-prefix"),
+                config.dtype,
+                how="one LLM.generate over the same shuffled requests, as token ids",
+            )
+            reports["shared-prefix"].add(res)
+        if convs:
+            res = vb.multi_turn_result(result, "multi-turn", convs, reference.get("multi-turn"), config.dtype)
+            reports["multi-turn"].add(res)
+    except vb.VllmError as e:
+        vb.report_failure(list(reports.values()), e, log)
 
 
 def _add_headlines(report: BenchReport) -> None:
