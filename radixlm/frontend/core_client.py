@@ -1,8 +1,12 @@
 """How the Engine front reaches its EngineCore: messages in, outputs and replies back through a callback.
 
 `InlineCoreClient` runs the core loop on a thread of this process; `ProcessCoreClient`
-(radixlm/engine/core_process.py), the default, runs it in a child process and speaks the same messages
-(radixlm/engine/ipc.py) over ZMQ sockets, so the Engine does not care which one it has.
+(radixlm/frontend/core_process.py), the default, runs it in a child process and speaks the same messages
+(radixlm/messages.py) over ZMQ sockets, so the Engine does not care which one it has.
+
+`on_message` runs on the client's own thread (the inline core's thread, or the process client's reader):
+the Engine detokenizes there, off every event loop. The core's code is imported only when an inline core
+is started, so importing the front loads no model code.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from radixlm.config import EngineConfig
-from radixlm.core.core_loop import run_core_loop
 from radixlm.messages import (
     ABORT_CORE_DIED,
     FAILED_RUNTIME,
+    FAILED_SHUTDOWN,
     AddRequest,
     ControlCall,
     ControlReply,
@@ -128,6 +132,8 @@ class InlineCoreClient(CoreClientBase):
                 return msgs
 
     def _run(self) -> None:
+        from radixlm.core.core_loop import run_core_loop
+
         try:
             run_core_loop(self.core, self._receive, self._dispatch)
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
@@ -138,4 +144,6 @@ class InlineCoreClient(CoreClientBase):
         if self.dead_reason is None and self._thread.is_alive():
             self.call(Shutdown)
         self._thread.join(timeout=30)
-        self.dead_reason = self.dead_reason or "shut down"
+        # Requests still in flight get an abort now (as with the process client) instead of waiting
+        # forever on a core that is gone.
+        self._dispatch(CoreFailed(FAILED_SHUTDOWN, "the engine was shut down"))

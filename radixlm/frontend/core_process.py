@@ -9,7 +9,7 @@
 Why it is built this way:
 - "spawn", never fork: a forked copy of a process that already runs torch's thread pools can deadlock.
   Spawn arguments (a plain dict of the EngineConfig fields) are pickled by multiprocessing once, locally,
-  at start; everything after that crosses the sockets as msgpack (radixlm/engine/ipc.py), never pickle.
+  at start; everything after that crosses the sockets as msgpack (radixlm/messages.py), never pickle.
 - Socket files live in a private `mkdtemp` folder per client, removed at shutdown: no fixed names, so any
   number of engines and servers run side by side (DESIGN.md invariant 6).
 - Two one-way PUSH/PULL sockets, not one PAIR/DEALER: a ZMQ socket must only be used by one thread at a
@@ -68,7 +68,7 @@ def run_core_process(
     request_addr: str,
     output_addr: str,
     parent_pid: int,
-    num_threads: int,
+    num_threads: int | None,
     log_level: int,
 ) -> None:
     """The child's entry point: build the EngineCore, report CoreReady or CoreFailed, then serve requests."""
@@ -83,7 +83,8 @@ def run_core_process(
 
     import torch
 
-    torch.set_num_threads(num_threads)  # the parent's count, so the process mode computes like inline mode
+    if num_threads is not None:  # the parent's count, so the process mode computes like inline mode
+        torch.set_num_threads(num_threads)
 
     ctx = zmq.Context()
     requests = ctx.socket(zmq.PULL)
@@ -184,8 +185,6 @@ class ProcessCoreClient(CoreClientBase):
         startup_timeout: float = STARTUP_TIMEOUT_S,
     ) -> None:
         super().__init__(on_message)
-        import torch
-
         self.socket_dir = _make_socket_dir()
         request_addr = f"ipc://{os.path.join(self.socket_dir, 'req')}"
         output_addr = f"ipc://{os.path.join(self.socket_dir, 'out')}"
@@ -209,7 +208,7 @@ class ProcessCoreClient(CoreClientBase):
                 request_addr,
                 output_addr,
                 os.getpid(),
-                torch.get_num_threads(),
+                _parent_num_threads(),
                 logging.getLogger("radixlm").getEffectiveLevel(),
             )
             # Not a daemon: multiprocessing forbids a daemon to start processes of its own (torch.compile
@@ -383,6 +382,14 @@ class ProcessCoreClient(CoreClientBase):
         hook = getattr(self, "_atexit_hook", None)
         if hook is not None:
             atexit.unregister(hook)
+
+
+def _parent_num_threads() -> int | None:
+    """torch's intra-op thread count here, if this process already loaded torch (a caller may have set
+    it); else None, and the child keeps torch's default. The front itself never imports torch."""
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    return get() if callable(get) else None
 
 
 def _make_socket_dir() -> str:

@@ -42,7 +42,7 @@ from radixlm.server.serving import (
     openai_finish,
     sse_body,
     sse_event,
-    token_text,
+    token_texts,
     usage_of,
 )
 
@@ -146,18 +146,19 @@ async def _events(
 
 
 def _logprobs(engine: Any, delta: Delta) -> ChoiceLogprobs:
+    texts, top_texts = token_texts(engine, delta)
     content = []
-    for i, (lp, tid, _) in enumerate(delta.logprobs):
-        text = token_text(engine, int(tid))
+    for i, ((lp, _, _), text) in enumerate(zip(delta.logprobs, texts)):
         tops = delta.top_logprobs[i] if i < len(delta.top_logprobs) else []
+        names = top_texts[i] if i < len(top_texts) else []
         content.append(
             TokenLogprob(
                 token=text,
                 logprob=lp,
                 bytes=list(text.encode()),
                 top_logprobs=[
-                    TopLogprob(token=(t := token_text(engine, int(tok))), logprob=v, bytes=list(t.encode()))
-                    for v, tok, _ in tops
+                    TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
+                    for (v, _, _), t in zip(tops, names)
                 ],
             )
         )

@@ -32,7 +32,7 @@ from radixlm.server.serving import (
     openai_finish,
     sse_body,
     sse_event,
-    token_text,
+    token_texts,
     usage_of,
 )
 
@@ -140,14 +140,17 @@ def _echo_prefixes(engine: Any, req: CompletionRequest, n: int) -> list[str]:
 
 def _logprobs(engine: Any, delta: Delta, top_n: int, offset: int) -> CompletionLogprobs:
     """The legacy completions format: parallel lists per token, top_logprobs as {token: logprob}."""
-    tokens = [token_text(engine, tid) for tid in delta.token_ids]
+    tokens, top_texts = token_texts(engine, delta)
     offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
     tops = None
     if top_n:
-        tops = [{token_text(engine, int(t)): lp for lp, t, _ in entry} for entry in delta.top_logprobs]
+        tops = [
+            {t: lp for (lp, _, _), t in zip(entry, names)}
+            for entry, names in zip(delta.top_logprobs, top_texts)
+        ]
     return CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[entry[0] for entry in delta.logprobs],

@@ -30,6 +30,7 @@ logger = logging.getLogger("radixlm.server")
 
 T = TypeVar("T")
 
+
 def engine_alive(engine: Any) -> bool:
     is_alive = getattr(engine, "is_alive", None)
     if callable(is_alive):
@@ -377,6 +378,15 @@ def usage_of(outputs: list[Output], n: int) -> Usage:
     )
 
 
-def token_text(engine: Any, token_id: int) -> str:
-    # Logprob entries show a token as the text it decodes to, as OpenAI does (not its BPE spelling).
-    return engine.tokenizer_manager.decode([token_id], skip_special_tokens=False)
+def token_texts(engine: Any, delta: Delta) -> tuple[list[str], list[list[str]]]:
+    """The text of each logprob entry's token and of its top alternatives, decoded in one batched call.
+
+    Logprob entries show a token as the text it decodes to, as OpenAI does (not its BPE spelling)."""
+    chosen = [int(tid) for tid in delta.token_ids]
+    tops = [[int(t) for _, t, _ in entry] for entry in delta.top_logprobs]
+    texts = engine.tokenizer_manager.token_texts(chosen + [t for row in tops for t in row])
+    top_texts, at = [], len(chosen)
+    for row in tops:
+        top_texts.append(texts[at : at + len(row)])
+        at += len(row)
+    return texts[: len(chosen)], top_texts
