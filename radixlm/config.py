@@ -120,3 +120,95 @@ def _check_positive_int(name: str, value: Any, *, optional: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ---- the runtime: every default decided once ------------------------------------------------------
+DEFAULT_MAX_RUNNING_REQUESTS = 256
+DEFAULT_CHUNKED_PREFILL = {"cpu": 1024, "cuda": 8192}
+DEFAULT_MEM_FRACTION = {"cpu": 0.25, "cuda": 0.85}
+# On a CPU the KV pool shares RAM with everything else on the machine (another engine, the tokenizer, the
+# page cache). A 135M model once took 4.6 GB of a shared machine's RAM for its pool (25% of free RAM) and
+# was OOM-killed beside another engine; 2 GiB still holds ~90k tokens of SmolLM2-135M or ~175k of a
+# Qwen2.5-0.5B in bf16. --max-total-tokens (or --mem-fraction-static) lifts it.
+DEFAULT_CPU_KV_CAP_BYTES = 2 << 30
+DEFAULT_CONTEXT_LENGTH = 4096  # when the model config names none
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the runtime defaults depend on, measured by the model runner after the weights loaded."""
+
+    device_type: str  # "cpu" or "cuda"
+    model_context_length: int | None  # max_position_embeddings, if the config has it
+    kv_bytes_per_token: int
+    free_memory_bytes: int  # device memory on CUDA, available RAM on CPU, after the weights loaded
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The engine's effective settings: EngineConfig with every default resolved (get_server_info shows it)."""
+
+    device_type: str
+    context_length: int
+    max_running_requests: int
+    max_prefill_tokens: int
+    chunked_prefill_size: int | None  # None: chunking off
+    page_size: int
+    kv_capacity: int  # tokens, a whole number of pages
+    kv_capacity_reason: str
+    schedule_policy: str
+    disable_radix_cache: bool
+
+    @property
+    def num_kv_pages(self) -> int:
+        return self.kv_capacity // self.page_size
+
+    @classmethod
+    def resolve(cls, config: EngineConfig, facts: ModelFacts) -> RuntimeConfig:
+        context = config.context_length or facts.model_context_length or DEFAULT_CONTEXT_LENGTH
+        max_running = config.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
+        chunk = config.chunked_prefill_size
+        if chunk is None:
+            chunk = DEFAULT_CHUNKED_PREFILL.get(facts.device_type, DEFAULT_CHUNKED_PREFILL["cuda"])
+        capacity, reason = _kv_capacity(config, facts, context, max_running)
+        capacity = capacity // config.page_size * config.page_size
+        if capacity < config.page_size:
+            raise ValueError(
+                f"the KV pool would hold {capacity} tokens, less than one page ({config.page_size}); "
+                f"free memory is {facts.free_memory_bytes / 2**20:.0f} MiB at {facts.kv_bytes_per_token} "
+                "bytes per token: raise --max-total-tokens or --mem-fraction-static"
+            )
+        return cls(
+            device_type=facts.device_type,
+            context_length=int(context),
+            max_running_requests=max_running,
+            max_prefill_tokens=config.max_prefill_tokens,
+            chunked_prefill_size=None if chunk == -1 else chunk,
+            page_size=config.page_size,
+            kv_capacity=capacity,
+            kv_capacity_reason=reason,
+            schedule_policy=config.schedule_policy,
+            disable_radix_cache=config.disable_radix_cache,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _kv_capacity(config: EngineConfig, facts: ModelFacts, context: int, max_running: int) -> tuple[int, str]:
+    """KV pool tokens and the reason, for the log: the smallest of what memory allows and what the
+    workload can ever use."""
+    if config.max_total_tokens is not None:
+        return config.max_total_tokens, "--max-total-tokens"
+    per_token = facts.kv_bytes_per_token
+    fraction = config.mem_fraction_static or DEFAULT_MEM_FRACTION.get(facts.device_type, 0.85)
+    limits = {
+        f"{fraction:g} of {facts.free_memory_bytes / 2**30:.1f} GiB free": int(facts.free_memory_bytes * fraction)
+        // per_token,
+        # More than every running request at full context is never used.
+        f"{max_running} requests x {context} tokens": max_running * context,
+    }
+    if facts.device_type == "cpu" and config.mem_fraction_static is None:
+        limits[f"the CPU cap of {DEFAULT_CPU_KV_CAP_BYTES / 2**30:g} GiB"] = DEFAULT_CPU_KV_CAP_BYTES // per_token
+    name, tokens = min(limits.items(), key=lambda kv: kv[1])
+    return tokens, f"{name} (the smallest of: {', '.join(limits)})"

@@ -177,3 +177,8 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         # top_k == 1 keeps only the most likely token, which is exactly the argmax.
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling reads the tokens so far (repetition, frequency or presence penalty)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

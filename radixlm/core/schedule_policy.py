@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Protocol
 
 from radixlm.core.request import Request
-from radixlm.kv.radix_cache import PrefixCache
+from radixlm.kv.prefix_cache import PrefixCache
 
 LPM_FALLBACK_QUEUE_LEN = 128
 
@@ -29,21 +29,21 @@ class FCFSPolicy:
 
 class LongestPrefixMatchPolicy:
     def order(self, waiting: list[Request], cache: PrefixCache) -> list[Request]:
-        if not cache.enabled or len(waiting) > LPM_FALLBACK_QUEUE_LEN:
+        if not cache.shares_prefixes or len(waiting) > LPM_FALLBACK_QUEUE_LEN:
             return list(waiting)
-        lengths = {id(r): cache.match_prefix(r.tokens[:-1]).length for r in waiting}
+        lengths = {id(r): cache.match(r.token_ids[:-1]).length for r in waiting}
         # sorted() is stable: equal matches keep arrival order
         return sorted(waiting, key=lambda r: -lengths[id(r)])
 
 
 class DFSWeightPolicy:
     def order(self, waiting: list[Request], cache: PrefixCache) -> list[Request]:
-        if not cache.enabled or len(waiting) > LPM_FALLBACK_QUEUE_LEN:
+        if not cache.shares_prefixes or len(waiting) > LPM_FALLBACK_QUEUE_LEN:
             return list(waiting)
         by_node: dict[int, list[Request]] = defaultdict(list)
         nodes = {}
         for r in waiting:
-            node = cache.match_prefix(r.tokens[:-1]).node
+            node = cache.match(r.token_ids[:-1]).handle
             by_node[id(node)].append(r)
             nodes[id(node)] = node
         weight: dict[int, int] = defaultdict(int)
@@ -51,14 +51,14 @@ class DFSWeightPolicy:
             node = nodes[nid]
             while node is not None:  # every ancestor carries the requests below it
                 weight[id(node)] += len(reqs)
-                node = node.parent
+                node = cache.parent(node)
         root = cache.root
         ordered: list[Request] = []
         stack = [root]
         while stack:
             node = stack.pop()
             ordered.extend(by_node.get(id(node), ()))
-            children = [c for c in node.children.values() if weight.get(id(c), 0)]
+            children = [c for c in cache.children(node) if weight.get(id(c), 0)]
             # push lightest first so the heaviest subtree is visited next
             stack.extend(sorted(children, key=lambda c: weight[id(c)]))
         return ordered

@@ -1,30 +1,30 @@
-"""Scheduler: which spans the next step computes, and the KV bookkeeping around them.
+"""Scheduler: which spans the next step computes, under the step's budgets. It decides; KVManager moves the
+slots; the runner computes. It reads and writes host state only (DESIGN.md invariant 4).
 
-One rule for everything (DESIGN.md invariant 1): a step is a list of spans (request, n new tokens).
+One rule for everything (invariant 1): a step is a list of spans (request, n new tokens).
 Per step, in this order:
   1. running requests: a decode is a span of 1; a request still in its prompt gets the next chunk.
-     When the pool is short even after evicting the tree's LRU leaves, the newest running request is
-     retracted (its computed KV goes into the tree when the cache is on) and resumes later.
+     When the pool is short even after evicting the cache's LRU leaves, the newest running request is
+     retracted (its computed KV goes to the prefix cache) and resumes later.
   2. waiting requests, in policy order, while the request, token and memory budgets allow. A prefix-cache
      hit is locked and skipped: the span starts at the match and the match costs no prefill budget.
-     A request that shares a not-yet-cached prefix with a prompt already being computed waits one step
-     and then reuses it, instead of computing the same prefix twice in parallel.
+     The later samples of an n > 1 group wait until their leader's prompt is cached, then reuse it; a
+     request that shares a long not-yet-cached prefix with a prompt being computed in this wave waits for
+     it the same way, instead of computing the same prefix twice in parallel.
 Chunking bounds the prompt tokens of a step, so a long prompt never stalls the running decodes.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
 from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import SchedulePolicy
-from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
-from radixlm.kv.radix_cache import PrefixCache
+from radixlm.kv.kv_manager import KVManager
+from radixlm.kv.prefix_cache import MatchResult
 from radixlm.messages import ABORT_CLIENT, ABORT_REFUSED, FinishReason
+from radixlm.model.step_input import SamplingInput, SpanInput, StepInput
 
 # A waiting request that shares at least this many uncached tokens with a prompt in progress waits for it.
 SHARED_PREFIX_WAIT_THRESHOLD = 32
@@ -35,7 +35,7 @@ class Span:
     req: Request
     start: int  # == req.num_computed_tokens when scheduled
     length: int
-    slots: torch.Tensor  # [length] KV slots for the new tokens
+    slots: list[int]  # KV slots for the new tokens
 
     @property
     def samples(self) -> bool:
@@ -43,12 +43,17 @@ class Span:
 
 
 @dataclass
-class ScheduledBatch:
+class ScheduledStep:
     spans: list[Span]
+    step_input: StepInput
 
     @property
     def num_tokens(self) -> int:
         return sum(s.length for s in self.spans)
+
+    @property
+    def sampling_spans(self) -> list[Span]:
+        return [s for s in self.spans if s.samples]
 
 
 @dataclass
@@ -77,24 +82,19 @@ class Scheduler:
     def __init__(
         self,
         *,
-        pool: KVPool,
-        req_pool: ReqToTokenPool,
-        cache: PrefixCache,
+        kv: KVManager,
         policy: SchedulePolicy,
         max_running_requests: int,
         max_prefill_tokens: int,
         chunked_prefill_size: int | None,
     ) -> None:
-        self.pool = pool
-        self.req_pool = req_pool
-        self.cache = cache
+        self.kv = kv
         self.policy = policy
         self.max_running_requests = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk_size = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._admit_counter = itertools.count()
         self.num_retractions = 0
         self._aborted: list[Request] = []
 
@@ -110,7 +110,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, rid: str, message: str = "aborted") -> Request | None:
+    def abort(self, rid: str, message: str) -> Request | None:
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -118,13 +118,13 @@ class Scheduler:
                 return req
         for req in self.running:
             if req.rid == rid:
-                self.release(req)
+                self._release(req)
                 req.finish(FinishReason.abort(ABORT_CLIENT, message))
                 return req
         return None
 
     # ---- one step ---------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self) -> ScheduledStep | None:
         budget = _StepBudget(
             prefill_tokens=self.max_prefill_tokens,
             chunk_tokens=self.chunk_size or self.max_prefill_tokens,
@@ -132,7 +132,9 @@ class Scheduler:
         )
         spans = self._schedule_running(budget)
         spans += self._admit_waiting(budget, spans)
-        return ScheduledBatch(spans) if spans else None
+        if not spans:
+            return None
+        return ScheduledStep(spans, self._step_input(spans))
 
     def _schedule_running(self, budget: _StepBudget) -> list[Span]:
         spans: list[Span] = []
@@ -143,15 +145,15 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            slots = self._alloc_slots(req, n)
+            slots = self.kv.extend(req.kv, n)
             while slots is None and self.running[-1] is not req:
-                self.retract(self.running[-1])
-                slots = self._alloc_slots(req, n)
+                self._retract(self.running[-1])
+                slots = self.kv.extend(req.kv, n)
             if slots is None:
                 if len(self.running) > 1 or req.num_computed_tokens == 0:
-                    self.retract(req)  # it is the newest; it resumes when memory frees up
+                    self._retract(req)  # it is the newest; it resumes when memory frees up
                 else:
-                    self.release(req)  # alone and still does not fit: it can never finish
+                    self._release(req)  # alone and still does not fit: it can never finish
                     req.finish(FinishReason.abort(ABORT_REFUSED, "the KV cache is too small for this request"))
                     self._aborted.append(req)
                 continue
@@ -165,14 +167,17 @@ class Scheduler:
         admitted: list[Span] = []
         if not self.waiting:
             return admitted
+        cache = self.kv.cache
         in_progress = [s.req for s in spans if s.req.num_remaining > s.length]
-        for req in self.policy.order(list(self.waiting), self.cache):
-            if len(self.running) >= self.max_running_requests or self.req_pool.num_free == 0:
+        for req in self.policy.order(list(self.waiting), cache):
+            if len(self.running) >= self.max_running_requests or self.kv.num_free_rows == 0:
                 break
             if budget.chunk_tokens <= 0 or budget.prefill_tokens <= 0:
                 break
-            match = self.cache.match_prefix(req.tokens[:-1])
-            if self._shares_prefix_in_progress(req, match.length, in_progress):
+            if not self._leader_ready(req):
+                continue
+            match = self.kv.match(req.token_ids[:-1])
+            if req.leader is None and self._shares_prefix_in_progress(req, match.length, in_progress):
                 continue
             n = budget.span_for(req.num_tokens - match.length)
             if n == 0:
@@ -186,90 +191,65 @@ class Scheduler:
                 in_progress.append(req)
         return admitted
 
-    def _try_admit(self, req: Request, match, n: int) -> Span | None:
-        row = self.req_pool.alloc()
-        if row is None:
+    def _leader_ready(self, req: Request) -> bool:
+        """An n > 1 sample waits until its leader's prompt is computed (and so cached): it then reuses
+        the prompt instead of computing it again. Without a cache that shares prefixes, waiting gains
+        nothing, so it does not wait."""
+        leader = req.leader
+        if leader is None or not self.kv.cache.shares_prefixes or leader.finished:
+            return True
+        return leader.num_computed_tokens >= leader.num_prompt_tokens - 1
+
+    def _try_admit(self, req: Request, match: MatchResult, n: int) -> Span | None:
+        # Keep one page per running request free for their next decode, so admission does not force a
+        # retraction.
+        reserve = len(self.running) * self.kv.page_size
+        admitted = self.kv.admit(match, n, reserve)
+        if admitted is None:
             return None
-        self.cache.lock(match.node)
-        req.req_pool_idx = row
-        req.last_node = match.node
-        req.cached_len = match.length
+        req.kv, slots = admitted
         req.num_computed_tokens = match.length
-        if match.length:
-            self.req_pool.write(row, 0, match.slots)
-        # Keep one slot per running request free for their next decode, so admission does not force a retraction.
-        headroom = len(self.running)
-        slots = self._alloc_slots(req, n, reserve=headroom)
-        if slots is None:
-            self.cache.unlock(match.node)
-            self.req_pool.free(row)
-            req.req_pool_idx, req.last_node, req.cached_len, req.num_computed_tokens = None, None, 0, 0
-            return None
         if req.num_retractions == 0:
             req.cached_tokens = match.length
         self.waiting.remove(req)
         req.status = RequestStatus.RUNNING
-        req.admit_order = next(self._admit_counter)
         self.running.append(req)
-        return Span(req, req.num_computed_tokens, n, slots)
+        return Span(req, match.length, n, slots)
 
     def _shares_prefix_in_progress(self, req: Request, matched: int, in_progress: list[Request]) -> bool:
-        tokens = req.tokens
+        if not in_progress or not self.kv.cache.shares_prefixes:
+            return False
+        tokens = req.token_ids
         # Waiting pays off when the shared part is long, or when it is all this request would compute
-        # anyway (n > 1 copies of one prompt): then it only computes its last token, a step later.
+        # anyway: then it only computes its last token, a step later.
         enough = min(SHARED_PREFIX_WAIT_THRESHOLD, len(tokens) - 1 - matched)
         for other in in_progress:
-            if enough > 0 and _common_prefix_len(tokens, other.tokens) - matched >= enough:
+            if enough > 0 and _common_prefix_len(tokens, other.token_ids) - matched >= enough:
                 return True
         return False
 
-    # ---- memory ----------------------------------------------------------------------------------
-    def _alloc_slots(self, req: Request, n: int, reserve: int = 0) -> torch.Tensor | None:
-        start = req.num_computed_tokens
-        last_slot = int(self.req_pool.table[req.req_pool_idx, start - 1]) if start else None
-        need = self.pool.slots_needed(n, last_slot) + reserve * self.pool.page_size
-        if self.pool.num_free_slots < need:
-            self.cache.evict(need - self.pool.num_free_slots)
-            if self.pool.num_free_slots < need:
-                return None
-        slots = self.pool.alloc(n, last_slot)
-        if slots is None:
-            return None
-        self.req_pool.write(req.req_pool_idx, start, slots)
-        return slots
+    def _step_input(self, spans: list[Span]) -> StepInput:
+        inputs = []
+        sampling = []
+        for s in spans:
+            req = s.req
+            samples = s.samples
+            inputs.append(
+                SpanInput(req.kv.row, s.start, req.token_ids[s.start : s.start + s.length], s.slots, samples)
+            )
+            if samples:
+                sampling.append(_sampling_input(req))
+        return StepInput(inputs, self.kv.take_table_writes(), sampling)
 
-    def _row_slots(self, req: Request, end: int) -> torch.Tensor:
-        return self.req_pool.table[req.req_pool_idx, :end]
-
-    def cache_unfinished(self, req: Request) -> None:
-        """Give the computed part of a running request to the tree, so others (or its own resumption) reuse it."""
-        if not self.cache.enabled or req.num_computed_tokens <= req.cached_len:
-            return
-        n = req.num_computed_tokens
-        res = self.cache.insert(req.tokens[:n], self._row_slots(req, n).clone())
-        aligned = res.slots.numel()
-        if aligned:
-            self.req_pool.write(req.req_pool_idx, 0, res.slots)
-        self.cache.lock(res.node)
-        self.cache.unlock(req.last_node)
-        req.last_node = res.node
-        req.cached_len = aligned
-
-    def release(self, req: Request) -> None:
-        """A request leaves the running batch: its KV goes to the tree (or is freed), its row is returned."""
-        n = req.num_computed_tokens
-        slots = self._row_slots(req, n).clone()
-        self.cache.unlock(req.last_node)
-        # insert() owns the page-aligned head from here (the tree keeps it, or frees duplicates, or, for
-        # NoPrefixCache, frees it); the partial last page is still ours to free.
-        self.cache.insert(req.tokens[:n], slots)
-        self.pool.free(slots[n - n % self.pool.page_size :])
-        self.req_pool.free(req.req_pool_idx)
+    # ---- leaving the running batch -------------------------------------------------------------
+    def _release(self, req: Request) -> None:
+        """Its computed KV goes to the prefix cache (what the cache does not keep is freed)."""
+        self.kv.release(req.kv, req.token_ids[: req.num_computed_tokens])
         self.running.remove(req)
-        req.req_pool_idx, req.last_node, req.cached_len = None, None, 0
+        req.kv = None
 
-    def retract(self, req: Request) -> None:
-        self.release(req)
+    def _retract(self, req: Request) -> None:
+        self._release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_retractions += 1
@@ -277,42 +257,41 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- after the forward pass ----------------------------------------------------------------
-    def commit(self, batch: ScheduledBatch) -> None:
-        """The batch's KV is now computed; prompt chunks become reusable by later requests at once."""
-        for span in batch.spans:
-            span.req.num_computed_tokens += span.length
-            if span.length > 1 and not span.req.finished:
-                self.cache_unfinished(span.req)
+    def commit(self, step: ScheduledStep) -> None:
+        """The step's KV is now computed; prompt chunks become reusable by later requests at once."""
+        for span in step.spans:
+            req = span.req
+            req.num_computed_tokens += span.length
+            if span.length > 1 and not req.finished:
+                self.kv.cache_computed(req.kv, req.token_ids[: req.num_computed_tokens])
 
     def finish(self, req: Request) -> None:
-        if req in self.running:
-            self.release(req)
+        if req.kv is not None:
+            self._release(req)
 
     # ---- invariants ------------------------------------------------------------------------------
-    def private_slots(self) -> int:
-        total = 0
-        page = self.pool.page_size
-        for req in self.running:
-            # a private run starts page-aligned (cached_len is), so it spans ceil(len / page) pages
-            total += -(-(req.num_computed_tokens - req.cached_len) // page) * page
-        return total
-
     def check(self) -> None:
-        """DESIGN.md invariant 2: free + evictable + locked + private == capacity."""
-        self.pool.check()
-        self.cache.check()
-        # Slots allocated for a scheduled-but-uncommitted span are private too; check() runs between steps.
-        total = (
-            self.pool.num_free_slots
-            + self.cache.evictable_size
-            + self.cache.locked_size
-            + self.private_slots()
-        )
-        if total != self.pool.capacity:
-            raise AssertionError(
-                f"KV accounting: free {self.pool.num_free_slots} + evictable {self.cache.evictable_size} + "
-                f"locked {self.cache.locked_size} + private {self.private_slots()} != capacity {self.pool.capacity}"
-            )
+        """Invariant 2 (KVManager.check), and each running request's row covers exactly its computed
+        tokens (between steps)."""
+        self.kv.check()
+        for req in self.running:
+            n = self.kv.num_slots(req.kv)
+            if n != req.num_computed_tokens:
+                raise AssertionError(f"request {req.rid}: {n} slots for {req.num_computed_tokens} computed tokens")
+
+
+def _sampling_input(req: Request) -> SamplingInput:
+    params = req.params
+    penalties = params.has_penalties
+    return SamplingInput(
+        params=params,
+        seed=req.seed,
+        num_output_tokens=req.num_output_tokens,
+        prompt_ids=req.prompt_ids if penalties else (),
+        output_ids=req.output_ids if penalties else (),
+        return_logprob=req.return_logprob,
+        top_logprobs_num=req.top_logprobs_num,
+    )
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -17,21 +17,22 @@ class StopChecker:
 
     def check(self, req: Request, context_length: int) -> FinishReason | None:
         params = req.params
-        last = req.output_ids[-1]
+        last = req.token_ids[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids):
             return FinishReason.stop(last)
         if params.stop:
             matched = self._match_stop_string(req)
             if matched is not None:
                 return FinishReason.stop(matched)
-        if len(req.output_ids) >= params.max_new_tokens or req.num_tokens >= context_length:
-            return FinishReason.of_length(len(req.output_ids))
+        n_out = req.num_output_tokens
+        if n_out >= params.max_new_tokens or req.num_tokens >= context_length:
+            return FinishReason.of_length(n_out)
         return None
 
     def _match_stop_string(self, req: Request) -> str | None:
         tok = self._get_tokenizer()
         longest = max(len(s) for s in req.params.stop)
-        tail = req.output_ids[-(longest + _STOP_TAIL_SLACK) :]
+        tail = req.token_ids[max(req.num_prompt_tokens, req.num_tokens - longest - _STOP_TAIL_SLACK) :]
         text = tok.decode(tail, skip_special_tokens=req.params.skip_special_tokens)
         for s in req.params.stop:
             if s in text:

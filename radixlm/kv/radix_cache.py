@@ -1,65 +1,30 @@
 """RadixCache: RadixAttention's prefix cache, a radix tree over token ids whose nodes hold KV pool slots.
 
-Ownership contract with the pool (DESIGN.md invariant 2)
----------------------------------------------------------
-Every slot of the KVPool is exactly one of:
-
-* **free**: on the pool's free list;
-* **tree-held**: in some node's ``value``; *evictable* when that node's ``lock_ref == 0``, *locked* otherwise;
-* **private**: allocated by the scheduler for a running request and not (yet) given to the tree.
-
-so the scheduler can assert, after every step::
-
-    pool.num_free_slots + cache.evictable_size + cache.locked_size + private == pool.capacity
-
-The pool counts whole pages, so with ``page_size > 1`` ``private`` must count a request's partly filled last
-page as a full page (round its private slots up to pages); tree-held counts are always whole pages.
-
-Slots move between these states only through this interface:
-
-* ``insert(tokens, slots)``: private -> tree-held for tokens the tree did not have; private -> free for a
-  token the tree already had under a *different* slot (the tree keeps its own copy, never two). Slots past
-  the page-aligned length stay private.
-* ``evict(n)``: evictable -> free (whole unlocked leaves, least recently used first).
-* ``lock`` / ``unlock``: evictable <-> locked; ``match_prefix`` changes no ownership.
-* ``reset()``: tree-held -> free.
-
-The tree frees slots through ``pool.free`` itself; it never allocates. With ``page_size > 1`` the tree
-stores whole pages only, so every node's value is a run of complete pages and freeing a node frees exactly
-its pages.
+It implements the PrefixCache contract (prefix_cache.py): it never frees or allocates; slots it gives up are
+returned to KVManager, and slots are host ints (a node's ``value`` is a list).
 
 Tree shape
 ----------
 The root has an empty edge. A node's ``key`` is the token run on the edge from its parent; the tokens of
 a node are its ancestors' keys concatenated with its own. Children are keyed by the first token of their
 edge (``page_size == 1``) or by the tuple of the first page's tokens (``page_size > 1``), so two children
-never share a first token/page and a lookup is one dict access per edge.
+never share a first token/page and a lookup is one dict access per edge. With ``page_size > 1`` the tree
+stores whole pages only, so every node's value is a run of complete pages.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-import torch
-
-from radixlm.kv.kv_pool import KVPool
+from radixlm.kv.prefix_cache import CacheHandle, InsertResult, MatchResult, PrefixCache
 
 _CHUNK = 64  # token run compared at once when looking for the first mismatch
 
 
-def _empty() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int64)
-
-
-def _as_tuple(tokens: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    # Tuples give C-speed slice comparison; a tensor is converted through tolist() (tuple(tensor) would
-    # make one 0-d tensor per token).
-    if isinstance(tokens, torch.Tensor):
-        return tuple(tokens.tolist())
+def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:
+    # Tuples give C-speed slice comparison.
     return tokens if isinstance(tokens, tuple) else tuple(tokens)
 
 
@@ -81,20 +46,20 @@ def _common_prefix_len(a: tuple[int, ...], start: int, b: tuple[int, ...]) -> in
 
 
 class TreeNode:
-    """One edge of the radix tree: ``key`` (token ids) and ``value`` (their KV slots, int64)."""
+    """One edge of the radix tree: ``key`` (token ids) and ``value`` (their KV slots)."""
 
     __slots__ = ("key", "value", "children", "parent", "lock_ref", "last_access", "id")
 
     def __init__(
         self,
         key: tuple[int, ...] = (),
-        value: torch.Tensor | None = None,
+        value: list[int] | None = None,
         parent: TreeNode | None = None,
         last_access: float = 0.0,
         node_id: int = 0,
     ) -> None:
         self.key = key
-        self.value = _empty() if value is None else value
+        self.value: list[int] = [] if value is None else value
         self.children: dict[int | tuple[int, ...], TreeNode] = {}
         self.parent = parent
         self.lock_ref = 0
@@ -113,97 +78,6 @@ class TreeNode:
         return f"TreeNode(id={self.id}, key={head}{more}, len={len(self.key)}, lock_ref={self.lock_ref})"
 
 
-@dataclass
-class MatchResult:
-    slots: torch.Tensor  # [n] int64: the KV slots of the longest cached prefix
-    node: TreeNode  # the deepest matched node (root when nothing matched): the handle for lock/unlock
-
-    @property
-    def length(self) -> int:
-        return int(self.slots.numel())
-
-
-@dataclass
-class InsertResult:
-    num_existing: int  # leading tokens that were already in the tree before this insert
-    slots: torch.Tensor  # [n] the tree's slots for tokens[:n] after the insert (n page-aligned)
-    node: TreeNode  # the node that ends at tokens[:n]
-
-
-class PrefixCache(ABC):
-    """The scheduler's view of a prefix cache. ``RadixCache`` implements it; ``NoPrefixCache`` is the
-    null object for ``--disable-radix-cache``.
-
-    Typical use by the scheduler::
-
-        m = cache.match_prefix(req.tokens)       # reuse m.slots for tokens[:m.length]
-        cache.lock(m.node)                       # the matched slots cannot be evicted while we run
-        ... alloc the rest (cache.evict(k) first if the pool is short) ...
-        r = cache.insert(req.tokens[:num_computed], req_slots[:num_computed])   # finished or chunked
-        cache.lock(r.node); cache.unlock(m.node) # move the lock to the longer prefix (if still running)
-        # req_slots[:len(r.slots)] must be replaced by r.slots: duplicates the caller held were freed.
-    """
-
-    page_size: int
-    enabled: bool
-
-    @abstractmethod
-    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
-        """Longest cached prefix of ``tokens`` (whole pages only when page_size > 1).
-
-        Splits a node when the match ends inside its edge, so that the returned node ends exactly at the
-        match. May refresh ``last_access`` along the path. No other side effects: nothing is locked,
-        allocated or freed.
-        """
-
-    @abstractmethod
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor) -> InsertResult:
-        """Store the KV of ``tokens[:n]``, ``n = len(tokens) // page_size * page_size``.
-
-        ``slots[i]`` holds ``tokens[i]``'s KV. Where the tree already has a token, it keeps its own slot
-        and the passed slot, if different, is freed to the pool (whole pages): never duplicated. New tokens'
-        slots are taken over by the tree. ``slots[n:]`` stay the caller's. Used both for finished requests
-        and for the computed part of running (e.g. chunked) requests.
-        """
-
-    @abstractmethod
-    def lock(self, node: TreeNode) -> None:
-        """+1 ``lock_ref`` on ``node`` and every ancestor up to (excluding) the root.
-
-        Locked nodes are never evicted."""
-
-    @abstractmethod
-    def unlock(self, node: TreeNode) -> None:
-        """Undo one ``lock(node)``; raises RuntimeError if the count would go negative."""
-
-    @abstractmethod
-    def evict(self, num_slots: int) -> int:
-        """Free least-recently-used unlocked leaves (a parent becomes a leaf once its children go) until at
-        least ``num_slots`` slots were freed or nothing is evictable. Returns the slots freed."""
-
-    @abstractmethod
-    def reset(self) -> None:
-        """Drop everything and give its slots back to the pool; RuntimeError if anything is locked."""
-
-    @property
-    @abstractmethod
-    def evictable_size(self) -> int:
-        """Slots held by unlocked nodes."""
-
-    @property
-    @abstractmethod
-    def locked_size(self) -> int:
-        """Slots held by locked nodes."""
-
-    @property
-    def total_size(self) -> int:
-        return self.evictable_size + self.locked_size
-
-    @abstractmethod
-    def check(self) -> None:
-        """Assert the cache's own invariants; raises AssertionError with a message."""
-
-
 class RadixCache(PrefixCache):
     """A radix tree of token runs whose nodes hold the pool slots of their edge.
 
@@ -216,17 +90,16 @@ class RadixCache(PrefixCache):
     ``new`` takes ``node``'s lock_ref and last_access, so sizes and lock counts are unchanged.
     """
 
-    enabled = True
+    shares_prefixes = True
 
-    def __init__(self, pool: KVPool) -> None:
-        self.pool = pool
-        self.page_size = pool.page_size
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
         self._clock = itertools.count(1)  # last_access values: a deterministic logical clock
         self._ids = itertools.count(1)
         self._init_tree()
 
     def _init_tree(self) -> None:
-        self.root = TreeNode()  # empty edge; never locked, counted or evicted
+        self._root = TreeNode()  # empty edge; never locked, counted or evicted
         self._evictable = 0
         self._locked = 0
         self._num_nodes = 0
@@ -252,7 +125,7 @@ class RadixCache(PrefixCache):
         return n - n % self.page_size
 
     def _is_evictable_leaf(self, node: TreeNode) -> bool:
-        return node is not self.root and not node.children and node.lock_ref == 0
+        return node is not self._root and not node.children and node.lock_ref == 0
 
     def _push(self, node: TreeNode) -> None:
         heapq.heappush(self._heap, (node.last_access, node.id, node))
@@ -264,7 +137,7 @@ class RadixCache(PrefixCache):
     def _touch(self, node: TreeNode, now: float) -> None:
         """Refresh last_access on node and its ancestors (only node can be a leaf: push just it)."""
         leaf = node
-        while node is not self.root:
+        while node is not self._root:
             node.last_access = now
             node = node.parent  # type: ignore[assignment]
         if self._is_evictable_leaf(leaf):
@@ -284,13 +157,13 @@ class RadixCache(PrefixCache):
         self._num_nodes += 1
         return new
 
-    def _walk(self, tokens: tuple[int, ...], n: int) -> tuple[TreeNode, list[torch.Tensor], int]:
+    def _walk(self, tokens: tuple[int, ...], n: int) -> tuple[TreeNode, list[list[int]], int]:
         """Match ``tokens[:n]`` (n page-aligned) down the tree, splitting at a partial edge match.
 
         Returns the deepest node reached, the slot runs along the path and the matched length.
         """
-        node = self.root
-        parts: list[torch.Tensor] = []
+        node = self._root
+        parts: list[list[int]] = []
         pos = 0
         while pos < n:
             child = node.children.get(self._child_key(tokens, pos))
@@ -313,48 +186,54 @@ class RadixCache(PrefixCache):
         return node, parts, pos
 
     # ---- the contract -----------------------------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
+    def match(self, tokens: Sequence[int]) -> MatchResult:
         toks = _as_tuple(tokens)
         node, parts, _ = self._walk(toks, self._page_align(len(toks)))
         self._touch(node, next(self._clock))
         return MatchResult(_cat(parts), node)
 
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor) -> InsertResult:
+    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> InsertResult:
         toks = _as_tuple(tokens)
         n = self._page_align(len(toks))
-        if slots.numel() < n:
-            raise ValueError(f"insert: {slots.numel()} slots for {n} tokens")
+        if len(slots) < n:
+            raise ValueError(f"insert: {len(slots)} slots for {n} tokens")
         if n == 0:
-            return InsertResult(0, _empty(), self.root)
-        slots = slots[:n].to(torch.int64)
+            return InsertResult([], self._root)
         node, parts, matched = self._walk(toks, n)
-
-        # The tree keeps its own slots for tokens it already had; the caller's different ones are freed.
-        if matched:
-            existing = _cat(parts)
-            differs = slots[:matched] != existing
-            if bool(differs.any()):
-                if self.page_size > 1:
-                    per_page = differs.view(-1, self.page_size)
-                    if not bool((per_page.all(1) | ~per_page.any(1)).all()):
-                        raise RuntimeError(
-                            "insert: a passed page shares some but not all slots with the tree"
-                        )
-                self.pool.free(slots[:matched][differs])
-
+        if self.page_size > 1 and matched:
+            self._check_whole_pages(_cat(parts), slots)
         if matched < n:
-            leaf = TreeNode(toks[matched:n], slots[matched:n].clone(), node, node_id=next(self._ids))
+            leaf = TreeNode(toks[matched:n], list(slots[matched:n]), node, node_id=next(self._ids))
             node.children[self._child_key(leaf.key, 0)] = leaf
             self._num_nodes += 1
             self._evictable += n - matched
             parts.append(leaf.value)
             node = leaf
         self._touch(node, next(self._clock))
-        return InsertResult(matched, _cat(parts), node)
+        return InsertResult(_cat(parts), node)
+
+    def _check_whole_pages(self, existing: list[int], slots: Sequence[int]) -> None:
+        # A page the caller passes is either the tree's own or entirely the caller's: freeing a duplicate
+        # page must never free a slot the tree holds.
+        page = self.page_size
+        for start in range(0, len(existing), page):
+            same = [a == b for a, b in zip(existing[start : start + page], slots[start : start + page])]
+            if any(same) and not all(same):
+                raise RuntimeError("insert: a passed page shares some but not all slots with the tree")
+
+    @property
+    def root(self) -> CacheHandle:
+        return self._root
+
+    def parent(self, handle: CacheHandle) -> CacheHandle | None:
+        return handle.parent
+
+    def children(self, handle: CacheHandle) -> list[CacheHandle]:
+        return list(handle.children.values())
 
     def lock(self, node: TreeNode) -> None:
         self._check_attached(node)
-        while node is not self.root:
+        while node is not self._root:
             if node.lock_ref == 0:
                 self._evictable -= len(node.key)
                 self._locked += len(node.key)
@@ -362,14 +241,14 @@ class RadixCache(PrefixCache):
             node = node.parent  # type: ignore[assignment]
 
     def unlock(self, node: TreeNode) -> None:
-        if node is self.root:
+        if node is self._root:
             return
         self._check_attached(node)
         # Ancestors' lock_ref >= node's, so checking node alone rules out any negative count.
         if node.lock_ref <= 0:
             raise RuntimeError(f"unlock of an unlocked node {node!r}")
         leaf = node
-        while node is not self.root:
+        while node is not self._root:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self._evictable += len(node.key)
@@ -378,7 +257,8 @@ class RadixCache(PrefixCache):
         if self._is_evictable_leaf(leaf):
             self._push(leaf)
 
-    def evict(self, num_slots: int) -> int:
+    def evict(self, num_slots: int) -> list[int]:
+        given_up: list[int] = []
         freed = 0
         heap = self._heap
         while freed < num_slots and heap:
@@ -388,35 +268,35 @@ class RadixCache(PrefixCache):
             parent = node.parent
             del parent.children[self._child_key(node.key, 0)]
             node.parent = None  # marks the node detached: lock() on a stale handle then fails loudly
-            self.pool.free(node.value)
+            given_up.extend(node.value)
             self._evictable -= len(node.key)
             self._num_nodes -= 1
             freed += len(node.key)
             if self._is_evictable_leaf(parent):
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        return freed
+        return given_up
 
-    def reset(self) -> None:
+    def reset(self) -> list[int]:
         if self._locked:
             raise RuntimeError(f"reset: {self._locked} slots of the prefix cache are still locked")
-        values = [n.value for n in self._nodes()]
-        for n in self._nodes():
+        nodes = list(self._nodes())
+        given_up = [s for n in nodes for s in n.value]
+        for n in nodes:
             n.parent = None
-        if values:
-            self.pool.free(torch.cat(values))
         self._init_tree()
+        return given_up
 
     # ---- debugging --------------------------------------------------------------------------------
     def _nodes(self) -> Iterator[TreeNode]:
         """Every non-root node, parents before children."""
-        stack = list(self.root.children.values())
+        stack = list(self._root.children.values())
         while stack:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
 
     def _check_attached(self, node: TreeNode) -> None:
-        if node is not self.root and node.parent is None:
+        if node is not self._root and node.parent is None:
             raise RuntimeError(f"{node!r} is no longer in the tree (evicted or reset)")
 
     def format_tree(self, max_tokens: int = 12) -> str:
@@ -426,13 +306,13 @@ class RadixCache(PrefixCache):
             for child in sorted(node.children.values(), key=lambda c: c.key):
                 toks = list(child.key[:max_tokens])
                 more = f" ...(+{len(child.key) - max_tokens})" if len(child.key) > max_tokens else ""
-                slots = child.value[:max_tokens].tolist()
+                slots = child.value[:max_tokens]
                 lines.append(
                     f"{'  ' * depth}- {toks}{more} slots={slots} lock={child.lock_ref} t={child.last_access}"
                 )
                 visit(child, depth + 1)
 
-        visit(self.root, 1)
+        visit(self._root, 1)
         return "\n".join(lines)
 
     def pretty_print(self) -> None:
@@ -447,9 +327,9 @@ class RadixCache(PrefixCache):
             parent = node.parent
             assert parent is not None, f"{node!r} reachable but detached"
             assert n > 0, f"empty non-root node {node!r}"
-            assert node.value.numel() == n, f"{node!r}: {node.value.numel()} slots for {n} tokens"
+            assert len(node.value) == n, f"{node!r}: {len(node.value)} slots for {n} tokens"
             assert node.lock_ref >= 0, f"{node!r}: negative lock_ref"
-            assert parent is self.root or parent.lock_ref >= node.lock_ref, (
+            assert parent is self._root or parent.lock_ref >= node.lock_ref, (
                 f"{node!r}: lock_ref above its parent's {parent.lock_ref}"
             )
             assert parent.children.get(self._child_key(node.key, 0)) is node, (
@@ -457,12 +337,13 @@ class RadixCache(PrefixCache):
             )
             if page > 1:
                 assert n % page == 0, f"{node!r}: length {n} not a multiple of page_size {page}"
-                pages = node.value.view(-1, page)
-                assert bool((pages[:, 0] % page == 0).all()), f"{node!r}: a page run starts mid-page"
-                assert bool((pages - pages[:, :1] == torch.arange(page)).all()), (
-                    f"{node!r}: a page is not a run"
-                )
-            assert int(node.value.min()) >= page, f"{node!r}: holds a null-page slot"
+                for start in range(0, n, page):
+                    first = node.value[start]
+                    assert first % page == 0, f"{node!r}: a page run starts mid-page"
+                    assert node.value[start : start + page] == list(range(first, first + page)), (
+                        f"{node!r}: a page is not a run"
+                    )
+            assert min(node.value) >= page, f"{node!r}: holds a null-page slot"
             if node.lock_ref:
                 locked += n
             else:
@@ -471,65 +352,17 @@ class RadixCache(PrefixCache):
         assert evictable == self._evictable, f"evictable counter {self._evictable} != recomputed {evictable}"
         assert locked == self._locked, f"locked counter {self._locked} != recomputed {locked}"
         assert len(values) == self._num_nodes, f"node counter {self._num_nodes} != {len(values)} nodes"
-        if values:
-            allv = torch.cat(values)
-            assert torch.unique(allv).numel() == allv.numel(), "a slot is held by the tree twice"
+        all_slots = [s for v in values for s in v]
+        assert len(set(all_slots)) == len(all_slots), "a slot is held by the tree twice"
         current = {id(n) for ts, _, n in self._heap if n.parent is not None and ts == n.last_access}
         for node in self._nodes():
             if self._is_evictable_leaf(node):
                 assert id(node) in current, f"evictable leaf {node!r} missing from the eviction heap"
 
 
-class NoPrefixCache(PrefixCache):
-    """The null prefix cache (``--disable-radix-cache``): matches nothing and keeps nothing.
-
-    ``insert`` frees ``slots[:n]`` at once, so call it only when a request is done with its KV (finished
-    or retracted), never for the computed part of a running request; check ``cache.enabled``.
-    """
-
-    enabled = False
-
-    def __init__(self, pool: KVPool) -> None:
-        self.pool = pool
-        self.page_size = pool.page_size
-        self.root = TreeNode()  # the dummy handle every match/insert returns
-
-    def match_prefix(self, tokens: Sequence[int]) -> MatchResult:
-        return MatchResult(_empty(), self.root)
-
-    def insert(self, tokens: Sequence[int], slots: torch.Tensor) -> InsertResult:
-        n = len(tokens) // self.page_size * self.page_size
-        if slots.numel() < n:
-            raise ValueError(f"insert: {slots.numel()} slots for {n} tokens")
-        self.pool.free(slots[:n])
-        return InsertResult(0, _empty(), self.root)
-
-    def lock(self, node: TreeNode) -> None:
-        pass
-
-    def unlock(self, node: TreeNode) -> None:
-        pass
-
-    def evict(self, num_slots: int) -> int:
-        return 0
-
-    def reset(self) -> None:
-        pass
-
-    @property
-    def evictable_size(self) -> int:
-        return 0
-
-    @property
-    def locked_size(self) -> int:
-        return 0
-
-    def check(self) -> None:
-        assert not self.root.children, "NoPrefixCache's dummy node grew children"
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    # Always a fresh tensor: node values are views the caller must not be able to write through.
-    if not parts:
-        return _empty()
-    return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+def _cat(parts: list[list[int]]) -> list[int]:
+    # Always a fresh list: the caller must not be able to write into a node's value.
+    out: list[int] = []
+    for part in parts:
+        out.extend(part)
+    return out

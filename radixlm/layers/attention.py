@@ -7,10 +7,13 @@ history came from a prefix-cache hit, an earlier chunk or earlier decodes makes 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from radixlm.model.forward_batch import ForwardBatch
+if TYPE_CHECKING:
+    from radixlm.model.forward_batch import ForwardBatch
 
 _FROM_LAYER = object()  # sentinel: "use the value this layer was built with"
 

@@ -22,6 +22,7 @@ import torch
 if TYPE_CHECKING:
     from radixlm.kv.kv_pool import KVPool
     from radixlm.layers.attention_backends.base import AttentionBackend
+    from radixlm.model.step_input import StepInput
 
 
 @dataclass
@@ -33,8 +34,11 @@ class ForwardBatch:
     prefix_lens: torch.Tensor  # [B] int64, tokens already in the KV cache before this step
     extend_lens: torch.Tensor  # [B] int64, tokens computed in this step
     seq_lens: torch.Tensor  # [B] int64, prefix_lens + extend_lens
+    # The same per-span values as host lists, so per-step metadata never reads them back from the device.
     extend_lens_list: list[int]
     seq_lens_list: list[int]
+    prefix_lens_list: list[int]
+    rows_list: list[int]
     sample_indices: torch.Tensor  # [S] int64, indices into T
     kv_pool: KVPool
     req_to_token: torch.Tensor  # [rows, max_context_len] int64
@@ -50,11 +54,40 @@ class ForwardBatch:
         return len(self.extend_lens_list)
 
     @classmethod
+    def from_step(
+        cls,
+        step: StepInput,
+        *,
+        kv_pool: KVPool,
+        req_to_token: torch.Tensor,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+    ) -> ForwardBatch:
+        spans = step.spans
+        input_ids: list[int] = []
+        slots: list[int] = []
+        for s in spans:
+            input_ids.extend(s.token_ids)
+            slots.extend(s.slots)
+        return cls.from_spans(
+            input_ids=input_ids,
+            out_cache_loc=slots,
+            req_pool_indices=[s.row for s in spans],
+            prefix_lens=[s.start for s in spans],
+            extend_lens=[len(s.token_ids) for s in spans],
+            sample_mask=[s.samples for s in spans],
+            kv_pool=kv_pool,
+            req_to_token=req_to_token,
+            attn_backend=attn_backend,
+            device=device,
+        )
+
+    @classmethod
     def from_spans(
         cls,
         *,
         input_ids: list[int],
-        out_cache_loc: torch.Tensor,
+        out_cache_loc: list[int] | torch.Tensor,
         req_pool_indices: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],
@@ -64,27 +97,50 @@ class ForwardBatch:
         attn_backend: AttentionBackend,
         device: torch.device,
     ) -> ForwardBatch:
-        """Pack spans into tensors with vectorized ops (no Python loop over tokens)."""
+        """Pack spans into tensors with vectorized ops (no Python loop over tokens), built on the host and
+        uploaded as one int64 buffer (pinned on CUDA) instead of one small copy per tensor."""
+        B = len(extend_lens)
         ext = torch.tensor(extend_lens, dtype=torch.int64)
         pre = torch.tensor(prefix_lens, dtype=torch.int64)
         starts = torch.cumsum(ext, 0) - ext
-        total = int(ext.sum())
+        total = len(input_ids)
         # position of token t = prefix_len(span) + (t - start(span))
-        offsets = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, ext)
-        positions = torch.repeat_interleave(pre, ext) + offsets
+        offsets = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, ext, output_size=total)
+        positions = torch.repeat_interleave(pre, ext, output_size=total) + offsets
         last = (starts + ext - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
         seq = pre + ext
+        loc = out_cache_loc if isinstance(out_cache_loc, torch.Tensor) else torch.tensor(out_cache_loc, dtype=torch.int64)
+        host = torch.cat(
+            [
+                torch.tensor(input_ids, dtype=torch.int64),
+                positions,
+                loc.to(torch.int64).cpu(),
+                torch.tensor(req_pool_indices, dtype=torch.int64),
+                pre,
+                ext,
+                seq,
+                last,
+            ]
+        )
+        if device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        ids_d, pos_d, loc_d, rows_d, pre_d, ext_d, seq_d, last_d = dev.split(
+            [total, total, total, B, B, B, B, int(last.numel())]
+        )
         batch = cls(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-            positions=positions.to(device),
-            out_cache_loc=out_cache_loc.to(device),
-            req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64, device=device),
-            prefix_lens=pre.to(device),
-            extend_lens=ext.to(device),
-            seq_lens=seq.to(device),
+            input_ids=ids_d,
+            positions=pos_d,
+            out_cache_loc=loc_d,
+            req_pool_indices=rows_d,
+            prefix_lens=pre_d,
+            extend_lens=ext_d,
+            seq_lens=seq_d,
             extend_lens_list=list(extend_lens),
-            seq_lens_list=seq.tolist(),
-            sample_indices=last.to(device),
+            seq_lens_list=[p + e for p, e in zip(prefix_lens, extend_lens)],
+            prefix_lens_list=list(prefix_lens),
+            rows_list=list(req_pool_indices),
+            sample_indices=last_d,
             kv_pool=kv_pool,
             req_to_token=req_to_token,
             attn_backend=attn_backend,

@@ -172,3 +172,16 @@ def default_mem_bytes(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def eos_token_ids(model_path: Path) -> list[int]:
+    """The model's end-of-sequence ids: generation_config.json's and config.json's, merged."""
+    ids: set[int] = set()
+    for source in (model_path / "generation_config.json", model_path / "config.json"):
+        if source.is_file():
+            value = json.loads(source.read_text()).get("eos_token_id")
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(v for v in value if isinstance(v, int))
+    return sorted(ids)

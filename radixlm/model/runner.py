@@ -1,32 +1,34 @@
-"""ModelRunner: load the model, own the KV pool, and turn a scheduled batch into sampled tokens."""
+"""ModelRunner: load the model, hold its KV buffers and device slot table, and turn a StepInput into logits
+and sampled tokens. It sees only StepInput (plain data), never a Request (DESIGN.md invariant 3)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
-from radixlm.config import EngineConfig
-from radixlm.core.scheduler import ScheduledBatch
-from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
+from radixlm.config import EngineConfig, ModelFacts, RuntimeConfig
+from radixlm.kv.kv_pool import KVPool
+from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.messages import ModelInfo
 from radixlm.model import loader
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
 from radixlm.model.sampler import Sampler, SamplerOutput, SamplingBatch
+from radixlm.model.step_input import StepInput
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_RUNNING_REQUESTS = 256
-DEFAULT_MEM_FRACTION = {"cpu": 0.25, "cuda": 0.85}
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
+        """Load the model. The KV buffers come later (`allocate_kv`), once the runtime is resolved from
+        what the loaded model leaves free."""
         self.config = config
         self.device = loader.resolve_device(config.device)
-        self.model_path = loader.resolve_model_path(config.model_path, config.revision)
+        self.model_path: Path = loader.resolve_model_path(config.model_path, config.revision)
         self.hf_config = loader.load_config(
             self.model_path, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
@@ -38,15 +40,13 @@ class ModelRunner:
         )
         self.model = self._load_model()
         self.vocab_size = int(self.text_config.vocab_size)
-        self.context_length = self._context_length()
-        self.max_running_requests = config.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
-        self.kv_pool = self._make_kv_pool()
-        # +1 row so that a retraction-and-readmission within a step never runs out of rows
-        self.req_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_length + 1, self.device)
+        self.eos_token_ids = loader.eos_token_ids(self.model_path)
         self.attn_backend = TorchAttnBackend()
         self.sampler = Sampler()
+        self.runtime: RuntimeConfig | None = None
+        self.kv_pool: KVPool | None = None
+        self.req_to_token: DeviceReqToToken | None = None
 
-    # ---- set-up ----------------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
         if self.choice.impl == "native":
             cls = native_architectures()[self.choice.architecture]
@@ -71,16 +71,6 @@ class ModelRunner:
         model.eval()
         return model
 
-    def _context_length(self) -> int:
-        model_max = getattr(self.text_config, "max_position_embeddings", None) or 4096
-        if self.config.context_length is None:
-            return int(model_max)
-        return int(self.config.context_length)
-
-    def kv_bytes_per_token(self) -> int:
-        num_layers, num_kv_heads, head_dim = self._kv_shape()
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=self.dtype).element_size()
-
     def _kv_shape(self) -> tuple[int, int, int]:
         cfg = self.text_config
         heads = cfg.num_attention_heads
@@ -88,29 +78,41 @@ class ModelRunner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return cfg.num_hidden_layers, kv_heads, head_dim
 
-    def _make_kv_pool(self) -> KVPool:
-        capacity = self.config.max_total_tokens
-        if capacity is None:
-            fraction = self.config.mem_fraction_static or DEFAULT_MEM_FRACTION[self.device.type]
-            capacity = int(loader.default_mem_bytes(self.device) * fraction) // self.kv_bytes_per_token()
-            # More than every running request at full context is never useful.
-            capacity = min(capacity, self.max_running_requests * self.context_length)
-        num_layers, kv_heads, head_dim = self._kv_shape()
-        pool = KVPool(
-            capacity=capacity,
-            page_size=self.config.page_size,
-            num_layers=num_layers,
+    def facts(self) -> ModelFacts:
+        """What the runtime defaults depend on (after the weights loaded, so free memory excludes them)."""
+        layers, kv_heads, head_dim = self._kv_shape()
+        context = getattr(self.text_config, "max_position_embeddings", None)
+        return ModelFacts(
+            device_type=self.device.type,
+            model_context_length=int(context) if context else None,
+            kv_bytes_per_token=KVPool.bytes_per_token(layers, kv_heads, head_dim, None, self.dtype),
+            free_memory_bytes=loader.default_mem_bytes(self.device),
+        )
+
+    def allocate_kv(self, runtime: RuntimeConfig, num_rows: int) -> None:
+        """The KV buffers (allocated once) and the device slot table, as the runtime sized them."""
+        layers, kv_heads, head_dim = self._kv_shape()
+        self.runtime = runtime
+        self.kv_pool = KVPool(
+            num_pages=runtime.num_kv_pages,
+            page_size=runtime.page_size,
+            num_layers=layers,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             dtype=self.dtype,
             device=self.device,
         )
+        self.req_to_token = DeviceReqToToken(num_rows, runtime.context_length + 1, self.device)
+        per_token = KVPool.bytes_per_token(layers, kv_heads, head_dim, None, self.dtype)
         logger.info(
-            "KV pool: %d tokens (%.1f MiB)", pool.capacity, pool.capacity * self.kv_bytes_per_token() / 2**20
+            "KV pool: %d tokens (%.1f MiB), from %s",
+            runtime.kv_capacity,
+            runtime.kv_capacity * per_token / 2**20,
+            runtime.kv_capacity_reason,
         )
-        return pool
 
     def info(self) -> ModelInfo:
+        assert self.runtime is not None, "allocate_kv first"
         return ModelInfo(
             model_path=str(self.model_path),
             architecture=self.choice.architecture,
@@ -118,42 +120,51 @@ class ModelRunner:
             model_impl_reason=self.choice.reason,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
-            context_length=self.context_length,
+            context_length=self.runtime.context_length,
             vocab_size=self.vocab_size,
-            kv_capacity=self.kv_pool.capacity,
-            max_running_requests=self.max_running_requests,
+            kv_capacity=self.runtime.kv_capacity,
+            max_running_requests=self.runtime.max_running_requests,
+            eos_token_ids=list(self.eos_token_ids),
+            runtime=self.runtime.as_dict(),
         )
 
     # ---- one step --------------------------------------------------------------------------------
-    def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
-        spans = batch.spans
-        input_ids: list[int] = []
-        for s in spans:
-            input_ids.extend(s.req.tokens[s.start : s.start + s.length])
-        return ForwardBatch.from_spans(
-            input_ids=input_ids,
-            out_cache_loc=torch.cat([s.slots for s in spans]),
-            req_pool_indices=[s.req.req_pool_idx for s in spans],
-            prefix_lens=[s.start for s in spans],
-            extend_lens=[s.length for s in spans],
-            sample_mask=[s.samples for s in spans],
+    def build_forward_batch(self, step: StepInput) -> ForwardBatch:
+        assert self.kv_pool is not None and self.req_to_token is not None, "allocate_kv first"
+        writes = list(step.table_writes)
+        writes.extend((s.row, s.start, s.slots) for s in step.spans)
+        self.req_to_token.apply(writes)
+        return ForwardBatch.from_step(
+            step,
             kv_pool=self.kv_pool,
-            req_to_token=self.req_pool.table,
+            req_to_token=self.req_to_token.table,
             attn_backend=self.attn_backend,
             device=self.device,
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> torch.Tensor:
+    def forward(self, step: StepInput) -> torch.Tensor:
         """Logits [S, V] for the spans that sample, in span order."""
-        fb = self.build_forward_batch(batch)
+        fb = self.build_forward_batch(step)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden[fb.sample_indices])
 
+    def build_sampling_batch(self, step: StepInput, vocab_size: int) -> SamplingBatch:
+        s = step.sampling
+        return SamplingBatch.build(
+            [x.params for x in s],
+            [x.seed for x in s],
+            [x.prompt_ids for x in s],
+            [x.output_ids for x in s],
+            self.eos_token_ids,
+            vocab_size,
+            self.device,
+            steps=[x.num_output_tokens for x in s],
+        )
+
     @torch.inference_mode()
-    def sample(
-        self, logits: torch.Tensor, sampling: SamplingBatch, *, return_logprob: bool, top_logprobs_num: int
-    ) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, step: StepInput) -> SamplerOutput:
+        sampling = self.build_sampling_batch(step, logits.shape[-1])
         return self.sampler(
-            logits, sampling, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num
+            logits, sampling, return_logprob=step.return_logprob, top_logprobs_num=step.top_logprobs_num
         )

@@ -155,12 +155,15 @@ class SamplingBatch:
         eos_token_ids: Sequence[int],
         vocab_size: int,
         device: torch.device | str,
+        steps: Sequence[int] | None = None,
     ) -> SamplingBatch:
         """Build the tensors for one step.
 
         ``seeds`` are the effective seeds (the engine draws one when ``params.seed`` is None).
         Only the lengths of ``output_ids`` are read, except for rows with a penalty (which read their
         tokens, and their prompt's for a repetition penalty), so the common case costs O(B) Python work.
+        ``steps`` (each row's output length) stands in for those lengths when the caller passes no
+        output lists for rows without penalties.
         """
         b = len(params)
         if not (len(seeds) == len(prompt_ids) == len(output_ids) == b):
@@ -172,7 +175,8 @@ class SamplingBatch:
             raise ValueError(f"SamplingBatch.build: vocab_size must be >= 1, got {vocab_size}")
         device = torch.device(device)
 
-        temperatures, top_ps, top_ks, min_ps, steps = [], [], [], [], []
+        temperatures, top_ps, top_ks, min_ps = [], [], [], []
+        step_of = [len(o) for o in output_ids] if steps is None else list(steps)
         sample_rows: list[int] = []
         penalty_rows: list[int] = []
         ban_rows: list[int] = []
@@ -181,8 +185,7 @@ class SamplingBatch:
             top_ps.append(p.top_p)
             top_ks.append(vocab_size if p.top_k < 0 else min(p.top_k, vocab_size))
             min_ps.append(p.min_p)
-            step = len(output_ids[i])
-            steps.append(step)
+            step = step_of[i]
             if not p.is_greedy:
                 sample_rows.append(i)
             if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
@@ -207,7 +210,7 @@ class SamplingBatch:
             top_ks=tensor(top_ks, torch.int64),
             min_ps=tensor(min_ps, torch.float32),
             seeds=tensor(seeds64, torch.int64),
-            steps=tensor(steps, torch.int64),
+            steps=tensor(step_of, torch.int64),
             vocab_size=vocab_size,
             sample_rows=None if len(sample_rows) == b else tensor(sample_rows, torch.int64),
             penalties=_build_penalties(params, penalty_rows, prompt_ids, output_ids, vocab_size, device),

@@ -88,7 +88,7 @@ def test_eviction_under_pressure_serves_everything(page_size) -> None:
     got = _run(small, prompts, stagger=1)
     ref = _run(_core(disable_radix_cache=True), prompts)
     assert got["ids"] == ref["ids"]
-    assert small.cache.total_size <= small.runner.kv_pool.capacity
+    assert small.kv.cache.total_size <= small.kv.capacity
     assert sum(got["cached"]) > 0
 
 
@@ -130,9 +130,9 @@ def test_flush_cache_refuses_while_running_and_empties_when_idle() -> None:
     assert not ok and "running" in msg
     while core.has_work():
         core.step()
-    assert core.cache.total_size > 0
+    assert core.kv.cache.total_size > 0
     ok, msg = core.flush_cache()
-    assert ok and core.cache.total_size == 0
+    assert ok and core.kv.cache.total_size == 0
     core.check()
 
 
@@ -167,3 +167,19 @@ def test_n_copies_of_a_short_prompt_compute_it_once() -> None:
         core.check()
     # the first copy computes 20 tokens; the other three reuse 19 and compute only their last token
     assert core.num_tokens_computed == 20 + 3
+
+
+@pytest.mark.parametrize("prompt_len", [20, 300])
+def test_n_samples_of_one_add_request_compute_the_prompt_once(prompt_len) -> None:
+    # One AddRequest with n rids is one group: the later samples wait for the leader's prompt by
+    # construction, whatever the prompt's length, and each reports its own cached prefix.
+    core = _core(chunked_prefill_size=64)
+    prompt = [3 + (i * 7919) % 1990 for i in range(prompt_len)]
+    core.add_request(AddRequest([f"s{i}" for i in range(4)], prompt, {**GREEDY, "max_new_tokens": 2}))
+    cached = {}
+    while core.has_work():
+        for o in core.step():
+            cached[o.rid] = o.cached_tokens
+        core.check()
+    assert core.num_tokens_computed == prompt_len + 3 * 1 + 4 * 1  # prompt once, 3 last tokens, 4 decodes
+    assert cached["s0"] == 0 and all(cached[f"s{i}"] == prompt_len - 1 for i in (1, 2, 3)), cached

@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
+from tests.kv_utils import HandPool, HandRows
 
 D = 8
 
@@ -49,15 +49,14 @@ def _reference(
     return out
 
 
-def _pool(capacity: int, page_size: int, num_layers: int, num_kv_heads: int) -> KVPool:
-    return KVPool(
+def _pool(capacity: int, page_size: int, num_layers: int, num_kv_heads: int) -> HandPool:
+    return HandPool(
         capacity=capacity,
         page_size=page_size,
         num_layers=num_layers,
         num_kv_heads=num_kv_heads,
         head_dim=D,
         dtype=torch.float32,
-        device="cpu",
     )
 
 
@@ -74,7 +73,7 @@ def _check(
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     pool = _pool(256, page_size, 2, Hkv)
-    req = ReqToTokenPool(size=8, max_context_len=64, device="cpu")
+    req = HandRows(8, 64)
     ks = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
     vs = [torch.randn(p + e, Hkv, D, generator=g) for p, e in spans]
     rows, prefix_slots = [], []
@@ -167,7 +166,7 @@ def test_page_size_4_decode_steps_continue_the_last_page() -> None:
     Hkv, H, page = 2, 4, 4
     g = torch.Generator().manual_seed(5)
     pool = _pool(64, page, 1, Hkv)
-    req = ReqToTokenPool(size=2, max_context_len=32, device="cpu")
+    req = HandRows(2, 32)
     row = req.alloc()
     k, v = torch.randn(14, Hkv, D, generator=g), torch.randn(14, Hkv, D, generator=g)
     last = None
@@ -239,7 +238,7 @@ def _check_shared(
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     pool = _pool(512, page_size, 1, Hkv)
-    req = ReqToTokenPool(size=32, max_context_len=96, device="cpu")
+    req = HandRows(32, 96)
 
     def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from radixlm.kv.kv_pool import KVPool, ReqToTokenPool
 from radixlm.layers.activation import get_act_and_mul
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.norm import RMSNorm
 from radixlm.layers.rotary import get_rope
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.models import NATIVE_ARCHITECTURES
+from tests.kv_utils import HandPool, HandRows
 
 ATOL = 1e-4
 VOCAB = 512
@@ -124,16 +124,15 @@ class _Runner:
     def __init__(self, native: torch.nn.Module, cfg: object, page_size: int = 1) -> None:
         self.native = native
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.pool = KVPool(
+        self.pool = HandPool(
             capacity=512,
             page_size=page_size,
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim,
             dtype=torch.float32,
-            device="cpu",
         )
-        self.req = ReqToTokenPool(size=4, max_context_len=128, device="cpu")
+        self.req = HandRows(4, 128)
         self.backend = TorchAttnBackend()
         self.rows: dict[str, int] = {}
         self.last_slot: dict[str, int | None] = {}

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from radixlm.layers.attention_backends.base import AttentionBackend
+
+if TYPE_CHECKING:
+    from radixlm.model.forward_batch import ForwardBatch
 from radixlm.layers.attention_backends.shared_prefix import (
     SharedDecodeGroups,
     build_shared_groups,
     find_shared_groups,
 )
-from radixlm.model.forward_batch import ForwardBatch
 
 # A short shared prefix saves little reading and still costs the group's padding and masking. 64 is a
 # judgement, not a measured break-even point.
@@ -98,7 +101,7 @@ class TorchAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         fb = forward_batch
         ext_list = fb.extend_lens_list
-        rows = fb.req_pool_indices.tolist()
+        rows = fb.rows_list
         decode_ids = [i for i, n in enumerate(ext_list) if n == 1]
         shared = None
         if self.min_shared_prefix is not None and len(decode_ids) > 1:
@@ -108,7 +111,7 @@ class TorchAttnBackend(AttentionBackend):
             decode = self._build_decode_group(fb, decode_ids)
         extends = []
         start = 0
-        prefix_list = fb.prefix_lens.tolist()
+        prefix_list = fb.prefix_lens_list
         for i, n in enumerate(ext_list):
             if n > 1:
                 p = prefix_list[i]

@@ -1,0 +1,104 @@
+"""The slot table: row r lists, in order, the KV slots of the request that holds row r.
+
+Attention reads a request's whole KV history through its row, so a prefix hit, a chunk and a decode token
+are all just more entries in the same row (DESIGN.md invariant 1). The table has two halves, each with one
+owner and one device (invariant 4):
+
+    ReqToToken (host, KVManager's)            DeviceReqToToken (device, the model runner's)
+    rows[r] = [s0, s1, ...]   --writes-->      table[r, start:start+n] = slots
+                              (StepInput)
+
+The scheduler reads and changes only the host rows. Every change is also logged as a write
+``(row, start, slots)``; the scheduler hands the writes of a step to the runner inside its StepInput, and
+the runner applies them to the device table before the forward pass (so do tensor-parallel ranks, which
+receive the same StepInput). The host never reads the device table.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+TableWrite = tuple[int, int, list[int]]  # (row, start column, slots)
+
+
+class ReqToToken:
+    """The host half: free rows and each row's slots, plus the log of writes not yet sent to the device."""
+
+    def __init__(self, num_rows: int, max_context_len: int) -> None:
+        self.num_rows = num_rows
+        self.max_context_len = max_context_len
+        self._free_rows: list[int] = list(range(num_rows - 1, -1, -1))
+        self.rows: list[list[int]] = [[] for _ in range(num_rows)]
+        self._writes: list[TableWrite] = []
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def alloc_row(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free_row(self, row: int) -> None:
+        self.rows[row] = []
+        self._free_rows.append(row)
+
+    def append(self, row: int, slots: list[int]) -> None:
+        """The next len(slots) tokens of the row's sequence live in these slots."""
+        cur = self.rows[row]
+        if len(cur) + len(slots) > self.max_context_len:
+            raise RuntimeError(
+                f"slot table row {row}: {len(cur) + len(slots)} slots exceed the context length "
+                f"{self.max_context_len}"
+            )
+        self._writes.append((row, len(cur), slots))
+        cur.extend(slots)
+
+    def replace_head(self, row: int, slots: list[int]) -> None:
+        """The first len(slots) tokens now live in these slots (the prefix cache kept its own copies)."""
+        cur = self.rows[row]
+        cur[: len(slots)] = slots
+        self._writes.append((row, 0, slots))
+
+    def take_writes(self) -> list[TableWrite]:
+        out, self._writes = self._writes, []
+        return out
+
+
+class DeviceReqToToken:
+    """The device half: the table attention reads, updated only by applying host writes."""
+
+    def __init__(self, num_rows: int, max_context_len: int, device: torch.device | str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.table = torch.zeros(num_rows, max_context_len, dtype=torch.int64, device=self.device)
+
+    def apply(self, writes: list[TableWrite]) -> None:
+        """All of a step's writes as one indexed store (one upload of three int64 vectors)."""
+        if not writes:
+            return
+        import torch
+
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[int] = []
+        for row, start, slots in writes:
+            n = len(slots)
+            rows.extend([row] * n)
+            cols.extend(range(start, start + n))
+            vals.extend(slots)
+        width = self.table.shape[1]
+        if len({r * width + c for r, c in zip(rows, cols)}) != len(rows):
+            # A cell written twice in one step (a row freed and reused, a head replaced after an append):
+            # an indexed store with repeated indices keeps an unspecified one, so apply in order.
+            for row, start, slots in writes:
+                self.table[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+            return
+        host = torch.tensor([rows, cols, vals], dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        r, c, v = host.to(self.device, non_blocking=True)
+        self.table[r, c] = v
