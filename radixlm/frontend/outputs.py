@@ -144,23 +144,20 @@ class OutputProcessor:
     def in_use(self, rid: str) -> bool:
         return rid in self._states
 
-    def __len__(self) -> int:
-        return len(self._states)
-
     def process(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
-            due: list[RequestState] = []
+            due: dict[str, RequestState] = {}  # by rid: a request gets at most one update per call
             for out in outputs:
                 st = self._states.get(out.rid)
                 if st is None or st.finished:
                     continue
                 st.apply(out)
                 if st.finished or (st.stream and len(st.pending_ids) >= self.stream_interval):
-                    due.append(st)
+                    due[st.rid] = st
             if not due:
                 return
-            running = [st for st in due if not st.finished]
-            finished = [st for st in due if st.finished]
+            running = [st for st in due.values() if not st.finished]
+            finished = [st for st in due.values() if st.finished]
             running_text, finished_text = self.detokenizer.step(
                 [st.detok for st in running], [(st.detok, st.reason()) for st in finished]
             )

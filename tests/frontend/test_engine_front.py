@@ -192,3 +192,9 @@ def test_inline_shutdown_ends_running_requests_with_an_abort() -> None:
     reason = result[0][-1]["meta_info"]["finish_reason"]
     assert reason["type"] == "abort" and reason["status_code"] == 503
     assert result[0][-1]["meta_info"]["completion_tokens"] < 3000
+
+
+def test_token_texts_decode_each_token_alone(llm) -> None:
+    tm = llm.tokenizer_manager
+    ids = tm.encode("naïve 日本 😀 <|im_end|> done") + [0, 1, 2]
+    assert tm.token_texts(ids) == [tm.decode([t], skip_special_tokens=False) for t in ids]
