@@ -100,33 +100,53 @@ class ForwardBatch:
         """Pack spans into tensors with vectorized ops (no Python loop over tokens), built on the host and
         uploaded as one int64 buffer (pinned on CUDA) instead of one small copy per tensor."""
         B = len(extend_lens)
-        ext = torch.tensor(extend_lens, dtype=torch.int64)
-        pre = torch.tensor(prefix_lens, dtype=torch.int64)
-        starts = torch.cumsum(ext, 0) - ext
         total = len(input_ids)
-        # position of token t = prefix_len(span) + (t - start(span))
-        offsets = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, ext, output_size=total)
-        positions = torch.repeat_interleave(pre, ext, output_size=total) + offsets
-        last = (starts + ext - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
-        seq = pre + ext
-        loc = out_cache_loc if isinstance(out_cache_loc, torch.Tensor) else torch.tensor(out_cache_loc, dtype=torch.int64)
-        host = torch.cat(
-            [
-                torch.tensor(input_ids, dtype=torch.int64),
-                positions,
-                loc.to(torch.int64).cpu(),
-                torch.tensor(req_pool_indices, dtype=torch.int64),
-                pre,
-                ext,
-                seq,
-                last,
-            ]
-        )
+        seq_list = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        loc = out_cache_loc.tolist() if isinstance(out_cache_loc, torch.Tensor) else out_cache_loc
+        if total == B:
+            # Decode only (one token per span, at its prefix length): every value is already a list, so
+            # the whole step is one tensor built from one list, no arithmetic on the host.
+            last = [i for i, m in enumerate(sample_mask) if m]
+            host = torch.tensor(
+                [
+                    *input_ids,
+                    *prefix_lens,
+                    *loc,
+                    *req_pool_indices,
+                    *prefix_lens,
+                    *extend_lens,
+                    *seq_list,
+                    *last,
+                ],
+                dtype=torch.int64,
+            )
+            num_sample = len(last)
+        else:
+            ext = torch.tensor(extend_lens, dtype=torch.int64)
+            pre = torch.tensor(prefix_lens, dtype=torch.int64)
+            starts = torch.cumsum(ext, 0) - ext
+            # position of token t = prefix_len(span) + (t - start(span))
+            offsets = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(
+                starts, ext, output_size=total
+            )
+            positions = torch.repeat_interleave(pre, ext, output_size=total) + offsets
+            last_t = (starts + ext - 1)[torch.tensor(sample_mask, dtype=torch.bool)]
+            host = torch.cat(
+                [
+                    torch.tensor(input_ids, dtype=torch.int64),
+                    positions,
+                    torch.tensor(
+                        [*loc, *req_pool_indices, *prefix_lens, *extend_lens, *seq_list], dtype=torch.int64
+                    ),
+                    last_t,
+                ]
+            )
+            num_sample = int(last_t.numel())
         if device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(device, non_blocking=True)
         ids_d, pos_d, loc_d, rows_d, pre_d, ext_d, seq_d, last_d = dev.split(
-            [total, total, total, B, B, B, B, int(last.numel())]
+            [total, total, total, B, B, B, B, num_sample]
         )
         batch = cls(
             input_ids=ids_d,
@@ -137,7 +157,7 @@ class ForwardBatch:
             extend_lens=ext_d,
             seq_lens=seq_d,
             extend_lens_list=list(extend_lens),
-            seq_lens_list=[p + e for p, e in zip(prefix_lens, extend_lens)],
+            seq_lens_list=seq_list,
             prefix_lens_list=list(prefix_lens),
             rows_list=list(req_pool_indices),
             sample_indices=last_d,

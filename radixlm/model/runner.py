@@ -131,9 +131,7 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------------
     def build_forward_batch(self, step: StepInput) -> ForwardBatch:
         assert self.kv_pool is not None and self.req_to_token is not None, "allocate_kv first"
-        writes = list(step.table_writes)
-        writes.extend((s.row, s.start, s.slots) for s in step.spans)
-        self.req_to_token.apply(writes)
+        self.req_to_token.apply(step.table_writes)
         return ForwardBatch.from_step(
             step,
             kv_pool=self.kv_pool,

@@ -3,8 +3,8 @@
 tensor-parallel ranks, which is why it holds ints, lists and SamplingParams only.
 
     spans           one per request in the step: its row, where its new tokens start, the tokens, their slots
-    table_writes    slot-table changes the device table must get before the forward pass (prefix hits,
-                    rows pointed at the prefix cache's copies); each span's own slots are written too
+    table_writes    every slot-table change since the last step, in order (the spans' new slots, prefix hits,
+                    rows pointed at the prefix cache's copies): the device table gets them before the forward
     sampling        one per span that samples, in span order
 """
 
