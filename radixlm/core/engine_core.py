@@ -139,14 +139,12 @@ class EngineCore:
         for i, span in enumerate(spans):
             req = span.req
             req.token_ids.append(tokens[i])
-            new_lp, new_top = [], []
+            new_lp, new_top = [], []  # the front accumulates them; the core keeps none
             if req.return_logprob and lps is not None:
                 new_lp = [lps[i]]
-                req.output_logprobs.extend(new_lp)
                 if req.top_logprobs_num and top_ids is not None:
                     k = req.top_logprobs_num
                     new_top = [list(zip(top_ids[i][:k], top_vals[i][:k]))]
-                    req.output_top_logprobs.extend(new_top)
             reason = self.stop_checker.check(req, context)
             if reason is not None:
                 req.finish(reason)
@@ -206,5 +204,3 @@ class EngineCore:
 
     def model_info(self) -> ModelInfo:
         return self.runner.info()
-
-

@@ -12,8 +12,7 @@ the prompt is in the prefix cache and then reuse it (Scheduler._ready).
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from radixlm.kv.kv_manager import KVState
 from radixlm.messages import FinishReason
@@ -42,10 +41,7 @@ class Request:
     # reporting
     cached_tokens: int = 0  # prefix-cache hit at first admission
     finish_reason: FinishReason | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
     num_retractions: int = 0
-    output_logprobs: list[float] = field(default_factory=list)
-    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -154,7 +154,9 @@ class Scheduler:
                     self._retract(req)  # it is the newest; it resumes when memory frees up
                 else:
                     self._release(req)  # alone and still does not fit: it can never finish
-                    req.finish(FinishReason.abort(ABORT_REFUSED, "the KV cache is too small for this request"))
+                    req.finish(
+                        FinishReason.abort(ABORT_REFUSED, "the KV cache is too small for this request")
+                    )
                     self._aborted.append(req)
                 continue
             if n > 1:
@@ -277,7 +279,9 @@ class Scheduler:
         for req in self.running:
             n = self.kv.num_slots(req.kv)
             if n != req.num_computed_tokens:
-                raise AssertionError(f"request {req.rid}: {n} slots for {req.num_computed_tokens} computed tokens")
+                raise AssertionError(
+                    f"request {req.rid}: {n} slots for {req.num_computed_tokens} computed tokens"
+                )
 
 
 def _sampling_input(req: Request) -> SamplingInput:
