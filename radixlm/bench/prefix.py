@@ -320,6 +320,11 @@ def _run_vllm(
         runs.append(vb.multi_turn_run("multi-turn", convs))
     try:
         result = vb.run_job(config.model_path, config.dtype, opts.seed, opts.vllm, warmup, runs, log)
+        block = result.get("settings", {}).get("block_size", "?")
+        cache_note = (
+            f"vLLM's prefix cache reuses whole KV blocks ({block} tokens) and is reset between the workloads; "
+            "radixlm's radix cache matches to the token"
+        )
         if shared_jobs:
             res = vb.batch_result(
                 result,
@@ -329,9 +334,11 @@ def _run_vllm(
                 config.dtype,
                 how="one LLM.generate over the same shuffled requests, as token ids",
             )
+            res.notes.append(cache_note)
             reports["shared-prefix"].add(res)
         if convs:
             res = vb.multi_turn_result(result, "multi-turn", convs, reference.get("multi-turn"), config.dtype)
+            res.notes.append(cache_note)
             reports["multi-turn"].add(res)
     except vb.VllmError as e:
         vb.report_failure(list(reports.values()), e, log)

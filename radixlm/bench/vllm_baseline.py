@@ -363,6 +363,15 @@ def _cache_extra(outputs: Sequence[dict[str, Any]], prompt_tokens: int) -> dict[
     return {"cached_tokens": total, "cache_hit_rate": total / prompt_tokens if prompt_tokens else 0.0}
 
 
+def _extra(result: dict[str, Any], outputs: Sequence[dict[str, Any]], jobs: Sequence[Job]) -> dict[str, Any]:
+    return {
+        "vllm_version": result.get("vllm_version"),
+        "startup_seconds": result.get("startup_seconds"),
+        "vllm_settings": {k: v for k, v in result.get("settings", {}).items() if k != "env"},
+        **_cache_extra(outputs, sum(len(p) for p, _ in jobs)),
+    }
+
+
 def _run(result: dict[str, Any], name: str) -> dict[str, Any]:
     return next(r for r in result["runs"] if r["name"] == name)
 
@@ -386,11 +395,7 @@ def batch_result(
         [len(o["token_ids"]) for o in outputs],
         run["seconds"],
         notes=_common_notes(result, how),
-        extra={
-            "vllm_version": result.get("vllm_version"),
-            "startup_seconds": result.get("startup_seconds"),
-            **_cache_extra(outputs, sum(len(p) for p, _ in jobs)),
-        },
+        extra=_extra(result, outputs, jobs),
     )
     if reference is not None:
         same = _identical([(ref, o["token_ids"], n) for ref, o, (_, n) in zip(reference, outputs, jobs)])
@@ -422,11 +427,7 @@ def multi_turn_result(
             f"{len(convs)} conversations through the LLM's engine (add_request/step): every first turn at "
             "once, each next turn (its own history) submitted when the previous one finishes",
         ),
-        extra={
-            "vllm_version": result.get("vllm_version"),
-            "startup_seconds": result.get("startup_seconds"),
-            **_cache_extra(outputs, sum(len(p) for p, _ in jobs)),
-        },
+        extra=_extra(result, outputs, jobs),
     )
     if reference is not None:
         pairs = [(reference.get(tuple(o["prompt"])), o["token_ids"], n) for o, (_, n) in zip(outputs, jobs)]

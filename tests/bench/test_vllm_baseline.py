@@ -370,11 +370,14 @@ VLLM_PYTHON = os.environ.get(vb.ENV_PYTHON, "")
     not (VLLM_PYTHON and os.access(VLLM_PYTHON, os.X_OK)),
     reason=f"set {vb.ENV_PYTHON} to vLLM's python (e.g. /work/vllm-venv/bin/python) to run real vLLM",
 )
-def test_real_vllm_matches_radixlm_in_float32(tiny_model: str, tmp_path: pathlib.Path) -> None:
+def test_real_vllm_matches_radixlm_in_float32(tmp_path: pathlib.Path) -> None:
+    # The "small" shape (head_dim 64): vLLM's CPU attention has no kernel for tiny's head_dim 16.
+    model = str(cached_model_folder("qwen2", "small"))
     out = tmp_path / "offline.json"
-    assert bench_main(_offline_argv(tiny_model, out, VLLM_PYTHON) + ["--vllm-kv-cache-gib", "0.25"]) == 0
+    assert bench_main(_offline_argv(model, out, VLLM_PYTHON) + ["--vllm-kv-cache-gib", "0.25"]) == 0
     data = json.loads(out.read_text())
-    (row,) = [r for r in data["results"] if r["system"].startswith("vLLM")]
+    assert not any("vLLM baseline failed" in h for h in data["headlines"]), data["headlines"]
+    (row,) = [r for r in data["results"] if vb.SYSTEM in r["system"]]
     assert row["complete"]
     assert row["extra"]["identical_to_radixlm"] == row["extra"]["compared_with_radixlm"] == 3, (
         textwrap.indent("\n".join(row["notes"]), "  ")
