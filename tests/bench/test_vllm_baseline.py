@@ -17,6 +17,7 @@ import os
 import pathlib
 import stat
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -108,6 +109,12 @@ FAKE_INPUTS = """
 def TokensPrompt(prompt_token_ids):
     return {"prompt_token_ids": list(prompt_token_ids)}
 """
+
+
+@pytest.fixture(autouse=True)
+def _temp_in_tmp_path(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing worker keeps its job and log in a temp folder (to rerun it by hand): keep those here."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _executable(path: pathlib.Path, text: str) -> str:
