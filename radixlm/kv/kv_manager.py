@@ -164,7 +164,9 @@ class KVManager:
         # The cache keeps its own copy of a prefix it already had (another request computed it too):
         # ours are then duplicates, freed here, and the row now reads the cache's.
         start = state.cached_len
-        duplicates = [ours for ours, theirs in zip(row_slots[start : len(kept)], kept[start:]) if ours != theirs]
+        duplicates = [
+            ours for ours, theirs in zip(row_slots[start : len(kept)], kept[start:]) if ours != theirs
+        ]
         if duplicates:
             self.allocator.free(duplicates)
             self.req_to_token.replace_head(state.row, kept)

@@ -98,7 +98,9 @@ class PageAllocator:
     def check(self) -> None:
         used = sum(self._used) - 1
         if used + len(self._free) != self.num_pages:
-            raise AssertionError(f"PageAllocator: {used} used + {len(self._free)} free pages != {self.num_pages}")
+            raise AssertionError(
+                f"PageAllocator: {used} used + {len(self._free)} free pages != {self.num_pages}"
+            )
         if len(set(self._free)) != len(self._free):
             raise AssertionError("PageAllocator: a page is on the free list twice")
         if any(self._used[p] for p in self._free):
