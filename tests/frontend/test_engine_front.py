@@ -139,6 +139,8 @@ def test_server_info_reports_the_resolved_runtime(llm) -> None:
     assert info["runtime"] == llm.model_info["runtime"]
     assert info["config"]["stream_interval"] == 3
     assert isinstance(info["runtime"], dict)
+    if info["runtime"]:  # filled by the core's RuntimeConfig (empty from a core that predates it)
+        assert info["runtime"]["kv_capacity"] == llm.model_info["kv_capacity"]
 
 
 def test_detokenization_runs_off_the_event_loops(llm, monkeypatch) -> None:
