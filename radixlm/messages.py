@@ -79,8 +79,9 @@ class FinishReason:
 @dataclass
 class AddRequest:
     """One prompt and its n samples. `rids` names each sample (len(rids) == n): the core computes the
-    prompt once for all of them and reports each sample under its own rid. `sampling_params` is a
-    validated SamplingParams as a dict (n == 1: the group is the rids)."""
+    prompt once for all of them, seeds sample k with seed + k (when a seed is set) and reports each sample
+    under its own rid. `sampling_params` is a validated SamplingParams as a dict; the core takes the
+    number of samples from `rids`, not from its `n`."""
 
     rids: list[str]
     input_ids: list[int]
