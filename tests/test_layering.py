@@ -1,4 +1,5 @@
-"""The import rule of DESIGN.md, checked from the source, and what importing a module may load.
+"""The import rule of DESIGN.md, checked from the source, and what importing a module may load (the front's
+and the server routes' no-torch import check is tests/frontend/test_imports.py).
 
 "A -> B" means a module of A may import B:
   messages, config, sampling_params   -> only each other (the leaves)
@@ -135,20 +136,6 @@ def _loads_torch(modules: list[str]) -> bool:
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return out.stdout.strip() == "True"
-
-
-def test_messages_and_server_routes_load_no_torch() -> None:
-    routes = [
-        "radixlm.messages",
-        "radixlm.server.protocol",
-        "radixlm.server.serving",
-        "radixlm.server.openai_chat",
-        "radixlm.server.openai_completions",
-        "radixlm.server.native",
-        "radixlm.server.errors",
-        "radixlm.server.metrics",
-    ]
-    assert not _loads_torch(routes)
 
 
 def test_scheduler_and_kv_manager_load_no_torch() -> None:
