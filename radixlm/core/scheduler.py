@@ -263,8 +263,11 @@ class Scheduler:
         """The step's KV is now computed; prompt chunks become reusable by later requests at once."""
         for span in step.spans:
             req = span.req
+            # A prompt chunk (of any length, also 1 with chunked_prefill_size=1) or a span that ends the
+            # prompt goes to the cache; a decode (1 token that samples) waits for the request's release.
+            cache_it = span.length > 1 or not span.samples
             req.num_computed_tokens += span.length
-            if span.length > 1 and not req.finished:
+            if cache_it and not req.finished:
                 self.kv.cache_computed(req.kv, req.token_ids[: req.num_computed_tokens])
 
     def finish(self, req: Request) -> None:

@@ -133,7 +133,10 @@ class KVManager:
         del self._live[state.row]
 
     def flush(self) -> None:
-        """Empty the prefix cache; RuntimeError while a request holds a lock on it."""
+        """Empty the prefix cache. RuntimeError, and nothing changes, while any request runs: even one
+        that matched nothing holds a cache handle (the root) that it must be able to release."""
+        if self._live:
+            raise RuntimeError(f"cannot flush the prefix cache while {len(self._live)} request(s) run")
         self.allocator.free(self.cache.reset())
 
     # ---- internals --------------------------------------------------------------------------------

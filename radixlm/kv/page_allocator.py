@@ -82,11 +82,15 @@ class PageAllocator:
         if not pages:
             return
         used = self._used
+        # Check every page before changing any: a bad call must leave the allocator as it was.
         for p in pages:
             if p <= 0 or p > self.num_pages:
                 raise RuntimeError(f"PageAllocator.free: page {p} is the null page or outside the pool")
             if not used[p]:
                 raise RuntimeError(f"PageAllocator.free: double free of KV page {p}")
+        if page == 1 and len(set(pages)) != len(pages):
+            raise RuntimeError("PageAllocator.free: double free of a KV page passed twice")
+        for p in pages:
             used[p] = 0
         self._free.extend(pages)
 
