@@ -405,6 +405,20 @@ def test_without_chunking_an_over_budget_prompt_runs_alone() -> None:
     finish_all_and_check_empty(sim)
 
 
+def test_admission_leaves_a_page_per_running_request_for_its_decode() -> None:
+    sim = Sim(make_scheduler(num_pages=10))
+    a = make_request("a", [1] * 4, 5)
+    sim.add(a)
+    assert span_lengths(sim.step()) == {"a": 4}
+    sim.add(make_request("b", [2] * 5, 2))
+    # a's decode leaves 5 free slots: b's 5 would fit, but not with one slot kept for a's next decode
+    assert span_lengths(sim.step()) == {"a": 1}
+    assert sim.sched.kv.allocator.num_free_slots == 5 and sim.sched.num_retractions == 0
+    sim.run()
+    assert sim.sched.num_retractions == 0
+    finish_all_and_check_empty(sim)
+
+
 def test_max_running_requests() -> None:
     sim = Sim(make_scheduler(max_running=2))
     for i in range(5):

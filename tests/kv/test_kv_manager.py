@@ -347,25 +347,20 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     @rule()
     def flush(self) -> None:
-        """Only when nothing is running. While requests run it must refuse (RuntimeError, nothing changed)
-        whenever one holds a lock; if it empties an unlocked cache instead, the running requests must still
-        be able to commit and release afterwards (the rules and the teardown do both)."""
+        """Only when nothing is running: while any request runs (even one on the root handle, with no
+        lock) it refuses with RuntimeError and changes nothing."""
         tree = tree_items(self.cache)
         free = self.alloc.num_free_slots
-        locked = self.cache.locked_size
-        try:
-            self.manager.flush()
-        except RuntimeError:
+        if self.live:
             event("flush refused")
-            assert self.live, "flush refused with nothing running"
+            with pytest.raises(RuntimeError):
+                self.manager.flush()
             assert tree_items(self.cache) == tree and self.alloc.num_free_slots == free
             return
-        event("flush while running" if self.live else "flush")
-        assert not locked, "flush gave up slots a running request holds"
+        event("flush")
+        self.manager.flush()
         assert tree_items(self.cache) == {} and self.cache.total_size == 0
-        assert self.alloc.num_free_slots == free + len(tree) * self.page_size
-        if not self.live:
-            assert self.alloc.num_free_slots == self.alloc.capacity
+        assert self.alloc.num_free_slots == free + len(tree) * self.page_size == self.alloc.capacity
 
     # ---- invariant ----------------------------------------------------------------------------------
     @invariant()
@@ -531,18 +526,18 @@ def test_check_catches_a_leak() -> None:
         kv.check()
 
 
-def test_flush_while_requests_run_without_a_lock() -> None:
-    """A running request with no prefix hit holds the root handle. flush() must either refuse while it
-    runs, or leave it able to commit and release afterwards."""
+def test_flush_refuses_while_requests_run_without_a_lock() -> None:
+    """A running request with no prefix hit holds the root handle: flush() must refuse while it runs
+    (replacing the tree would leave that handle unreleasable), and the request must still commit and
+    release afterwards."""
     kv = make(page_size=1)
     done, _ = kv.admit(kv.match([7, 8]), 2)
     kv.release(done, [7, 8])  # something cached, nothing locked
     st, _ = kv.admit(kv.match([1, 2, 3]), 3)  # no hit: its handle is the root
     assert kv.cache.locked_size == 0
-    try:
+    with pytest.raises(RuntimeError):
         kv.flush()
-    except RuntimeError:
-        assert kv.cache.total_size == 2  # refused: nothing changed
+    assert kv.cache.total_size == 2  # refused: nothing changed
     kv.check()
     kv.cache_computed(st, [1, 2, 3])
     kv.release(st, [1, 2, 3])
