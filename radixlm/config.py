@@ -14,6 +14,7 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LINEAR_KERNELS = ("auto", "dense", "packed")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -58,6 +59,13 @@ class EngineConfig:
     disable_radix_cache: bool = _opt(False, "Do not reuse KV across requests (no prefix cache).")
     page_size: int = _opt(1, "Tokens per KV page.")
     random_seed: int | None = _opt(None, "Seed for requests that do not set one (default: random).")
+    linear_kernel: str = _opt(
+        "auto",
+        "CPU matmul kernel for linear layers. auto: per weight shape, oneDNN's prepacked linear where it "
+        "measured faster on this machine (decisions kept in ~/.cache/radixlm/linear-kernels.json), else "
+        "F.linear; dense: F.linear everywhere (transformers' kernel); packed: prepacked everywhere.",
+        choices=LINEAR_KERNELS,
+    )
     # --- operations ---
     log_level: str = _opt("info", "Logging level.", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "Collect Prometheus metrics (served at /metrics).")
@@ -71,6 +79,7 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
         _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
         if not isinstance(self.model_path, str):
             raise TypeError(f"model_path must be a string, got {type(self.model_path).__name__}")
         dev = self.device

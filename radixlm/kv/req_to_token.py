@@ -82,23 +82,21 @@ class DeviceReqToToken:
             return
         import torch
 
-        rows: list[int] = []
-        cols: list[int] = []
+        width = self.table.shape[1]
+        cells: list[int] = []  # flat index row * width + col of each written cell
         vals: list[int] = []
         for row, start, slots in writes:
-            n = len(slots)
-            rows.extend([row] * n)
-            cols.extend(range(start, start + n))
+            base = row * width + start
+            cells.extend(range(base, base + len(slots)))
             vals.extend(slots)
-        width = self.table.shape[1]
-        if len({r * width + c for r, c in zip(rows, cols)}) != len(rows):
+        if len(set(cells)) != len(cells):
             # A cell written twice in one step (a row freed and reused, a head replaced after an append):
             # an indexed store with repeated indices keeps an unspecified one, so apply in order.
             for row, start, slots in writes:
                 self.table[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
             return
-        host = torch.tensor([rows, cols, vals], dtype=torch.int64)
+        host = torch.tensor([cells, vals], dtype=torch.int64)
         if self.device.type == "cuda":
             host = host.pin_memory()
-        r, c, v = host.to(self.device, non_blocking=True)
-        self.table[r, c] = v
+        c, v = host.to(self.device, non_blocking=True)
+        self.table.view(-1).index_copy_(0, c, v)

@@ -9,11 +9,16 @@ zero-padded. With tp_size 1 this is a plain embedding and a plain bias-free line
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from radixlm.layers.linear import check_shape
+
+if TYPE_CHECKING:
+    from radixlm.layers.packed_linear import PackedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,6 +43,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.num_per_rank, embedding_dim, dtype=params_dtype), requires_grad=False
         )
+        # The head's matmul prepacked (layers.packed_linear); lookups keep reading the dense weight.
+        self.packed: PackedWeight | None = None
 
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None
@@ -63,7 +70,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, dim] -> logits [S, num_embeddings]; also serves as the head when embeddings are tied."""
-        logits = F.linear(hidden, self.weight)
+        logits = self.packed(hidden) if self.packed is not None else F.linear(hidden, self.weight)
         if self.tp_size > 1:
             import torch.distributed as dist
 

@@ -17,9 +17,14 @@ would drop such an attribute. The model's ``load_weights`` finds the owning modu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from radixlm.layers.packed_linear import PackedWeight
 
 
 def check_shape(loaded: torch.Tensor, expected: tuple[int, ...] | torch.Size) -> None:
@@ -74,9 +79,17 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_per_rank, dtype=params_dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Set by layers.packed_linear.prepack_linears when a prepacked CPU kernel is faster for this shape
+        # (the dense weight is then dropped); None: plain F.linear.
+        self.packed: PackedWeight | None = None
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x, bias)
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
     def _load_rows(
         self, param: torch.Tensor, loaded: torch.Tensor, dst_start: int, src_start: int, n: int
@@ -85,7 +98,11 @@ class LinearBase(nn.Module):
         param.data.narrow(0, dst_start, n).copy_(loaded.narrow(0, src_start, n))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_per_rank}, out={self.out_per_rank}, bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        packed = ", packed" if self.packed is not None else ""
+        return (
+            f"in={self.in_per_rank}, out={self.out_per_rank}, bias={self.bias is not None}, "
+            f"tp={self.tp_rank}/{self.tp_size}{packed}"
+        )
 
 
 class ReplicatedLinear(LinearBase):
@@ -260,5 +277,5 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self._matmul(x, self.bias if self.tp_rank == 0 else None)
         return _tp_all_reduce(y) if self.tp_size > 1 else y

@@ -40,6 +40,8 @@ class ForwardBatch:
     prefix_lens_list: list[int]
     rows_list: list[int]
     sample_indices: torch.Tensor  # [S] int64, indices into T
+    # Every span is one token and samples (a pure decode step): the logits rows are the tokens, in order.
+    samples_every_token: bool
     kv_pool: KVPool
     req_to_token: torch.Tensor  # [rows, max_context_len] int64
     attn_backend: AttentionBackend
@@ -161,6 +163,7 @@ class ForwardBatch:
             prefix_lens_list=list(prefix_lens),
             rows_list=list(req_pool_indices),
             sample_indices=last_d,
+            samples_every_token=num_sample == total == B,
             kv_pool=kv_pool,
             req_to_token=req_to_token,
             attn_backend=attn_backend,

@@ -12,6 +12,7 @@ from radixlm.config import EngineConfig, ModelFacts, RuntimeConfig
 from radixlm.kv.kv_pool import KVPool
 from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
+from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
 from radixlm.model import loader
 from radixlm.model.forward_batch import ForwardBatch
@@ -69,6 +70,10 @@ class ModelRunner:
         loader.check_all_loaded(model, loaded)
         model.to(device=self.device, dtype=self.dtype)
         model.eval()
+        self.linear_kernels = prepack_linears(
+            model, self.config.linear_kernel, self.device, self.dtype, default_decision_file()
+        )
+        logger.info("%s", self.linear_kernels.summary())
         return model
 
     def _kv_shape(self) -> tuple[int, int, int]:
@@ -145,7 +150,7 @@ class ModelRunner:
         """Logits [S, V] for the spans that sample, in span order."""
         fb = self.build_forward_batch(step)
         hidden = self.model(fb.input_ids, fb.positions, fb)
-        return self.model.compute_logits(hidden[fb.sample_indices])
+        return self.model.compute_logits(hidden if fb.samples_every_token else hidden[fb.sample_indices])
 
     def build_sampling_batch(self, step: StepInput, vocab_size: int) -> SamplingBatch:
         s = step.sampling

@@ -108,13 +108,16 @@ class PenaltyInputs:
 class SamplingBatch:
     """Per-step sampling inputs for B rows (one row per sequence being sampled this step)."""
 
-    temperatures: torch.Tensor  # [B] float32 (greedy rows hold their own value; it is never read)
-    top_ps: torch.Tensor  # [B] float32
-    top_ks: torch.Tensor  # [B] int64 (vocab_size when disabled)
-    min_ps: torch.Tensor  # [B] float32
-    seeds: torch.Tensor  # [B] int64
-    steps: torch.Tensor  # [B] int64: index of the token being sampled in that sequence's output
+    # The per-row values are None when every row is greedy: nothing reads them then, and not building
+    # them is most of a greedy step's sampling cost on a small batch.
+    temperatures: torch.Tensor | None  # [B] float32 (greedy rows hold their own value; it is never read)
+    top_ps: torch.Tensor | None  # [B] float32
+    top_ks: torch.Tensor | None  # [B] int64 (vocab_size when disabled)
+    min_ps: torch.Tensor | None  # [B] float32
+    seeds: torch.Tensor | None  # [B] int64
+    steps: torch.Tensor | None  # [B] int64: index of the token being sampled in that sequence's output
     vocab_size: int
+    batch_size: int
     # Rows that sample rather than take the argmax; None when every row samples (no gather needed).
     sample_rows: torch.Tensor | None
     penalties: PenaltyInputs | None
@@ -127,10 +130,6 @@ class SamplingBatch:
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
-
-    @property
-    def batch_size(self) -> int:
-        return self.temperatures.shape[0]
 
     @property
     def need_penalties(self) -> bool:
@@ -198,6 +197,13 @@ class SamplingBatch:
 
         # Fold arbitrary Python ints into int64 (two's complement): the hash only sees 64 bits anyway.
         seeds64 = [((int(s) + (1 << 63)) % (1 << 64)) - (1 << 63) for s in seeds]
+        if sample_rows:
+            # Two uploads (floats, ints) instead of six: on a small batch each tensor built from a list
+            # costs more than the values in it.
+            temps_d, top_ps_d, min_ps_d = tensor([temperatures, top_ps, min_ps], torch.float32)
+            top_ks_d, seeds_d, steps_d = tensor([top_ks, seeds64, step_of], torch.int64)
+        else:
+            temps_d = top_ps_d = min_ps_d = top_ks_d = seeds_d = steps_d = None
 
         need_temperature = any(temperatures[i] != 1.0 for i in sample_rows)
         need_top_k = any(top_ks[i] < vocab_size for i in sample_rows)
@@ -205,13 +211,14 @@ class SamplingBatch:
         need_min_p = any(min_ps[i] > 0.0 for i in sample_rows)
 
         return cls(
-            temperatures=tensor(temperatures, torch.float32),
-            top_ps=tensor(top_ps, torch.float32),
-            top_ks=tensor(top_ks, torch.int64),
-            min_ps=tensor(min_ps, torch.float32),
-            seeds=tensor(seeds64, torch.int64),
-            steps=tensor(step_of, torch.int64),
+            temperatures=temps_d,
+            top_ps=top_ps_d,
+            top_ks=top_ks_d,
+            min_ps=min_ps_d,
+            seeds=seeds_d,
+            steps=steps_d,
             vocab_size=vocab_size,
+            batch_size=b,
             sample_rows=None if len(sample_rows) == b else tensor(sample_rows, torch.int64),
             penalties=_build_penalties(params, penalty_rows, prompt_ids, output_ids, vocab_size, device),
             **_build_ban(params, ban_rows, eos_token_ids, vocab_size, device),

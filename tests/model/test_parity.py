@@ -75,3 +75,15 @@ def test_any_decoder_through_transformers_backend(arch: str) -> None:
     assert core.runner.choice.impl == "transformers"
     prompts = random_prompts(core.runner.vocab_size, LENGTHS, seed=5)
     _compare(path, prompts, _run(core, prompts, stagger=2), f"{arch}/transformers")
+
+
+@pytest.mark.parametrize("arch,impl", CASES + [(a, "transformers") for a in ("gpt_neox", "qwen2_moe")])
+def test_parity_with_packed_linears(arch: str, impl: str) -> None:
+    """Every linear (and the LM head) on oneDNN's prepacked kernel, whatever this machine measured."""
+    path = cached_model_folder(arch, "tiny")
+    core = _core(path, impl, max_total_tokens=8192, linear_kernel="packed")
+    if core.runner.linear_kernels.reason:
+        pytest.skip(core.runner.linear_kernels.reason)
+    assert core.runner.linear_kernels.packed_modules > 0
+    prompts = random_prompts(core.runner.vocab_size, LENGTHS, seed=7)
+    _compare(path, prompts, _run(core, prompts, stagger=2), f"{arch}/{impl} packed linears")

@@ -45,7 +45,7 @@ DEFAULT_MIN_SHARED_PREFIX = 64
 class _DecodeGroup:
     """Decode spans (one query each, at its sequence's last position), padded to the longest history."""
 
-    token_idx: torch.Tensor  # [B] packed token index of each query
+    token_idx: torch.Tensor | None  # [B] packed token index of each query; None: every token, in order
     kv_idx: torch.Tensor  # [B, Lmax] KV slots (slot 0, the null page, past each seq_len)
     seq_lens: torch.Tensor  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -137,14 +137,22 @@ class TorchAttnBackend(AttentionBackend):
     @staticmethod
     def _build_decode_group(fb: ForwardBatch, span_ids: list[int]) -> _DecodeGroup:
         device = fb.input_ids.device
-        ids = torch.tensor(span_ids, dtype=torch.int64, device=device)
-        starts = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
-        seq = fb.seq_lens[ids]
         max_kv = max(fb.seq_lens_list[i] for i in span_ids)
-        kv_cols = torch.arange(max_kv, device=device)
-        kv_idx = fb.req_to_token[fb.req_pool_indices[ids], :max_kv]
-        kv_idx = torch.where(kv_cols[None, :] < seq[:, None], kv_idx, 0)
-        return _DecodeGroup(starts[ids], kv_idx, seq)
+        if len(span_ids) == fb.num_tokens:
+            # A pure decode step (the common one): span i is token i, so nothing needs gathering by span
+            # and each layer writes its output without a scatter.
+            token_idx, seq, rows = None, fb.seq_lens, fb.req_pool_indices
+        else:
+            ids = torch.tensor(span_ids, dtype=torch.int64, device=device)
+            starts = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
+            token_idx, seq, rows = starts[ids], fb.seq_lens[ids], fb.req_pool_indices[ids]
+        valid = torch.arange(max_kv, device=device).unsqueeze(0) < seq.unsqueeze(1)
+        # a column slice, then index_select: cheaper than advanced indexing with a slice on a small batch
+        history = fb.req_to_token[:, :max_kv].index_select(0, rows)
+        kv_idx = history.masked_fill(~valid, 0)
+        group = _DecodeGroup(token_idx, kv_idx, seq)
+        group._masks[None] = valid.view(valid.shape[0], 1, 1, max_kv)  # the window-free mask is this test
+        return group
 
     def forward(
         self,
@@ -162,6 +170,8 @@ class TorchAttnBackend(AttentionBackend):
         k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
         T, H, _ = q.shape
         meta: TorchAttnMetadata = forward_batch.attn_metadata
+        if meta.decode is not None and meta.decode.token_idx is None:
+            return _attend_decodes(q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap)
         out = q.new_empty(T, H, v_buf.shape[-1])
         if meta.decode is not None:
             out[meta.decode.token_idx] = _attend_decodes(
@@ -225,7 +235,7 @@ def _attend_decodes(
     softcap: float | None,
 ) -> torch.Tensor:
     """The decode group -> [B, H, Dv], in span order."""
-    q1 = q.index_select(0, g.token_idx)  # [B, H, D]
+    q1 = q if g.token_idx is None else q.index_select(0, g.token_idx)  # [B, H, D]
     k = gather_kv(k_buf, g.kv_idx).to(q.dtype)  # [B, L, Hkv, D]
     v = gather_kv(v_buf, g.kv_idx).to(q.dtype)
     return _decode_attention(q1, k, v, g.mask(sliding_window), scaling, softcap)
