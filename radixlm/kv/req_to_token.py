@@ -75,6 +75,13 @@ class DeviceReqToToken:
 
         self.device = torch.device(device)
         self.table = torch.zeros(num_rows, max_context_len, dtype=torch.int64, device=self.device)
+        # A host copy that gets the same writes, for step planning that reads slots (shared-prefix groups)
+        # without a device-to-host read; on a CPU device the table is its own host copy.
+        self.host = (
+            self.table
+            if self.device.type == "cpu"
+            else torch.zeros(num_rows, max_context_len, dtype=torch.int64)
+        )
 
     def apply(self, writes: list[TableWrite]) -> None:
         """All of a step's writes as one indexed store (one upload of three int64 vectors)."""
@@ -93,9 +100,14 @@ class DeviceReqToToken:
             # A cell written twice in one step (a row freed and reused, a head replaced after an append):
             # an indexed store with repeated indices keeps an unspecified one, so apply in order.
             for row, start, slots in writes:
-                self.table[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+                values = torch.tensor(slots, dtype=torch.int64)
+                self.table[row, start : start + len(slots)] = values
+                if self.host is not self.table:
+                    self.host[row, start : start + len(slots)] = values
             return
         host = torch.tensor([cells, vals], dtype=torch.int64)
+        if self.host is not self.table:
+            self.host.view(-1).index_copy_(0, host[0], host[1])
         if self.device.type == "cuda":
             host = host.pin_memory()
         c, v = host.to(self.device, non_blocking=True)

@@ -44,6 +44,8 @@ class ForwardBatch:
     samples_every_token: bool
     kv_pool: KVPool
     req_to_token: torch.Tensor  # [rows, max_context_len] int64
+    # The same table on the host (the device table itself on CPU): read by step planning, never synced.
+    req_to_token_host: torch.Tensor
     attn_backend: AttentionBackend
     attn_metadata: Any = field(default=None)
 
@@ -64,6 +66,7 @@ class ForwardBatch:
         req_to_token: torch.Tensor,
         attn_backend: AttentionBackend,
         device: torch.device,
+        req_to_token_host: torch.Tensor | None = None,
     ) -> ForwardBatch:
         spans = step.spans
         input_ids: list[int] = []
@@ -82,6 +85,7 @@ class ForwardBatch:
             req_to_token=req_to_token,
             attn_backend=attn_backend,
             device=device,
+            req_to_token_host=req_to_token_host,
         )
 
     @classmethod
@@ -98,9 +102,14 @@ class ForwardBatch:
         req_to_token: torch.Tensor,
         attn_backend: AttentionBackend,
         device: torch.device,
+        req_to_token_host: torch.Tensor | None = None,
     ) -> ForwardBatch:
         """Pack spans into tensors with vectorized ops (no Python loop over tokens), built on the host and
         uploaded as one int64 buffer (pinned on CUDA) instead of one small copy per tensor."""
+        if req_to_token_host is None:
+            if req_to_token.device.type != "cpu":
+                raise ValueError("ForwardBatch: a device slot table needs its host copy (req_to_token_host)")
+            req_to_token_host = req_to_token
         B = len(extend_lens)
         total = len(input_ids)
         seq_list = [p + e for p, e in zip(prefix_lens, extend_lens)]
@@ -166,6 +175,7 @@ class ForwardBatch:
             samples_every_token=num_sample == total == B,
             kv_pool=kv_pool,
             req_to_token=req_to_token,
+            req_to_token_host=req_to_token_host,
             attn_backend=attn_backend,
         )
         attn_backend.init_forward_metadata(batch)

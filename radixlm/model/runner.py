@@ -141,6 +141,7 @@ class ModelRunner:
             step,
             kv_pool=self.kv_pool,
             req_to_token=self.req_to_token.table,
+            req_to_token_host=self.req_to_token.host,
             attn_backend=self.attn_backend,
             device=self.device,
         )

@@ -385,3 +385,54 @@ def test_find_shared_groups_splits_members_whose_own_tokens_outgrow_the_prefix()
     # no two members fit under the prefix together: nothing is grouped
     table, rows, seqs = _slot_table([(4, [3, 3, 3])])
     assert find_shared_groups(table, rows, seqs, min_prefix=2) == ([], [0, 1, 2])
+
+
+def test_shared_groups_are_planned_from_the_host_table_without_reading_the_device() -> None:
+    """The device table on `meta` (reading it back raises), its host copy on the CPU: planning still finds
+    the shared group, so a GPU step never syncs to plan it (DESIGN.md: the host never reads the device)."""
+    from radixlm.kv.kv_pool import KVPool
+
+    host, rows, seqs = _slot_table([(40, [2, 3, 4])])
+    meta = torch.device("meta")
+    pool = KVPool(num_pages=512, page_size=1, num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32,
+                  device=meta)  # fmt: skip
+    with pytest.raises(NotImplementedError):
+        host.to(meta).tolist()  # what a device read on this table would do
+    fb = ForwardBatch.from_spans(
+        input_ids=[0] * len(rows),
+        out_cache_loc=torch.zeros(len(rows), dtype=torch.int64),
+        req_pool_indices=rows,
+        prefix_lens=[n - 1 for n in seqs],
+        extend_lens=[1] * len(rows),
+        sample_mask=[True] * len(rows),
+        kv_pool=pool,
+        req_to_token=host.to(meta),
+        req_to_token_host=host,
+        attn_backend=TorchAttnBackend(min_shared_prefix=32),
+        device=meta,
+    )
+    shared = fb.attn_metadata.shared
+    assert shared is not None and shared.num_groups == 1 and shared.max_members == 3
+    assert fb.attn_metadata.decode is None  # every decode is in the group
+
+
+def test_a_device_table_without_its_host_copy_is_refused() -> None:
+    host, rows, seqs = _slot_table([(8, [1])])
+    with pytest.raises(ValueError, match="req_to_token_host"):
+        ForwardBatch.from_spans(
+            input_ids=[0], out_cache_loc=[1], req_pool_indices=rows, prefix_lens=[seqs[0] - 1], extend_lens=[1],
+            sample_mask=[True], kv_pool=None, req_to_token=host.to("meta"), attn_backend=TorchAttnBackend(),
+            device=torch.device("meta"),
+        )  # fmt: skip
+
+
+def test_device_slot_table_keeps_its_host_copy_in_step() -> None:
+    from radixlm.kv.req_to_token import DeviceReqToToken
+
+    dev = DeviceReqToToken(3, 8, "meta")
+    assert dev.host.device.type == "cpu" and dev.host is not dev.table
+    dev.apply([(0, 0, [5, 6, 7]), (2, 3, [9])])
+    dev.apply([(0, 1, [8]), (0, 1, [4])])  # one cell twice in a step: the later write wins
+    assert dev.host[0, :3].tolist() == [5, 4, 7] and dev.host[2, 3].item() == 9
+    cpu = DeviceReqToToken(1, 4, "cpu")
+    assert cpu.host is cpu.table

@@ -127,7 +127,8 @@ class TorchAttnBackend(AttentionBackend):
         starts = list(itertools.accumulate(fb.extend_lens_list, initial=0))
         rows = [span_rows[i] for i in decode_ids]
         seqs = [fb.seq_lens_list[i] for i in decode_ids]
-        groups, singles = find_shared_groups(fb.req_to_token, rows, seqs, self.min_shared_prefix)
+        # Grouping reads slots, so it reads the host copy: no device-to-host sync per step.
+        groups, singles = find_shared_groups(fb.req_to_token_host, rows, seqs, self.min_shared_prefix)
         if not groups:
             return decode_ids, None
         tokens = [starts[i] for i in decode_ids]
