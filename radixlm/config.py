@@ -59,6 +59,11 @@ class EngineConfig:
     disable_radix_cache: bool = _opt(False, "Do not reuse KV across requests (no prefix cache).")
     page_size: int = _opt(1, "Tokens per KV page.")
     random_seed: int | None = _opt(None, "Seed for requests that do not set one (default: random).")
+    tp_size: int = _opt(
+        1,
+        "Tensor-parallel ranks: processes that each hold 1/N of every linear layer and of the KV heads, "
+        "joined through torch.distributed (gloo on CPU, NCCL on CUDA, one GPU per rank).",
+    )
     linear_kernel: str = _opt(
         "auto",
         "CPU matmul kernel for linear layers. auto: per weight shape, oneDNN's prepacked linear where it "
@@ -85,7 +90,7 @@ class EngineConfig:
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+        for name in ("context_length", "max_total_tokens", "max_running_requests", "tp_size"):
             _check_positive_int(name, getattr(self, name), optional=True)
         for name in ("max_prefill_tokens", "page_size", "stream_interval"):
             _check_positive_int(name, getattr(self, name), optional=False)

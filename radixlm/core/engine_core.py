@@ -176,6 +176,10 @@ class EngineCore:
         )
 
     # ---- management ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release what outlives the object: the other tensor-parallel ranks' processes."""
+        self.runner.close()
+
     def flush_cache(self) -> tuple[bool, str]:
         if self.scheduler.has_work():
             return False, "cannot flush the cache while requests are running or waiting"

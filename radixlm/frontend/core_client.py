@@ -139,6 +139,8 @@ class InlineCoreClient(CoreClientBase):
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
             logger.error("engine core crashed:\n%s", traceback.format_exc())
             self._dispatch(CoreFailed(FAILED_RUNTIME, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.core.close()  # the other tensor-parallel ranks, if any
 
     def shutdown(self) -> None:
         if self.dead_reason is None and self._thread.is_alive():

@@ -113,6 +113,8 @@ def run_core_process(
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
             logger.error("engine core crashed:\n%s", traceback.format_exc())
             send(CoreFailed(FAILED_RUNTIME, f"{type(exc).__name__}: {exc}"))
+        finally:
+            core.close()  # the other tensor-parallel ranks, if any
     finally:
         # linger: the last message (CoreFailed, or the reply to "shutdown") must reach the parent before
         # term() returns.

@@ -14,7 +14,7 @@ from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
-from radixlm.model import loader
+from radixlm.model import loader, parallel
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
 from radixlm.model.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -23,12 +23,30 @@ from radixlm.model.step_input import StepInput
 logger = logging.getLogger(__name__)
 
 
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters as this rank holds them (prepacked weights included)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for mod in model.modules():
+        packed = getattr(mod, "packed", None)
+        if packed is not None and getattr(mod, "weight", None) is None:  # the dense copy was dropped
+            total += packed.out_features * packed.in_features * packed.packed.element_size()
+    return total
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        """Load the model. The KV buffers come later (`allocate_kv`), once the runtime is resolved from
-        what the loaded model leaves free."""
+    def __init__(self, config: EngineConfig, *, tp_rank: int = 0, init_method: str | None = None) -> None:
+        """Load the model (this rank's shard of it). The KV buffers come later (`allocate_kv`), once the
+        runtime is resolved from what the loaded model leaves free.
+
+        With config.tp_size > 1, rank 0 (the core's runner) starts the other ranks and sends them every
+        step; those ranks are built by parallel.run_tp_worker with their tp_rank and the rendezvous."""
         self.config = config
-        self.device = loader.resolve_device(config.device)
+        self.tp_rank, self.tp_size = tp_rank, config.tp_size
+        self.device = parallel.rank_device(loader.resolve_device(config.device), tp_rank)
+        self.tp_leader: parallel.TPLeader | None = None
+        self.tp_check_agreement = self.tp_size > 1 and parallel.agreement_check_enabled()
+        if self.tp_size > 1:
+            self._join_tp_group(init_method)
         self.model_path: Path = loader.resolve_model_path(config.model_path, config.revision)
         self.hf_config = loader.load_config(
             self.model_path, trust_remote_code=config.trust_remote_code, revision=config.revision
@@ -40,6 +58,10 @@ class ModelRunner:
             "model %s: %s implementation (%s)", self.choice.architecture, self.choice.impl, self.choice.reason
         )
         self.model = self._load_model()
+        # Every rank's parameter bytes (rank 0 reports them): what the split saves, measured, not assumed.
+        self.rank_param_bytes = [param_bytes(self.model)]
+        if self.tp_size > 1:
+            self.rank_param_bytes = parallel.gather_ints(self.rank_param_bytes[0], self.device)
         self.vocab_size = int(self.text_config.vocab_size)
         self.eos_token_ids = loader.eos_token_ids(self.model_path)
         self.attn_backend = TorchAttnBackend()
@@ -48,12 +70,29 @@ class ModelRunner:
         self.kv_pool: KVPool | None = None
         self.req_to_token: DeviceReqToToken | None = None
 
+    def _join_tp_group(self, init_method: str | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(parallel.threads_per_rank(self.tp_size))
+        if self.tp_rank == 0:
+            self.tp_leader = parallel.TPLeader(self.config, self.device)
+        else:
+            assert init_method is not None, "a tensor-parallel worker needs the rendezvous address"
+            parallel.init_group(self.tp_rank, self.tp_size, init_method, self.device)
+
     def _load_model(self) -> torch.nn.Module:
         if self.choice.impl == "native":
             cls = native_architectures()[self.choice.architecture]
             with loader.params_on_meta():
-                model = cls(self.text_config)
+                model = cls(self.text_config, tp_rank=self.tp_rank, tp_size=self.tp_size)
             loader.materialize_params(model, self.device, self.dtype)
+        elif self.tp_size > 1:
+            raise ValueError(
+                f"tp_size {self.tp_size}: {self.choice.architecture} runs through the Transformers backend "
+                "(no native implementation), and tensor parallelism covers native implementations only "
+                "so far: use tp_size 1"
+            )
         else:
             from radixlm.model.transformers_backend import TransformersCausalLM
 
@@ -77,11 +116,14 @@ class ModelRunner:
         return model
 
     def _kv_shape(self) -> tuple[int, int, int]:
+        """(layers, this rank's KV heads, head_dim). Ranks split the KV heads; with fewer KV heads than
+        ranks each rank holds one (replicated), as QKVParallelLinear lays them out."""
         cfg = self.text_config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cfg.num_hidden_layers, kv_heads, head_dim
+        local_kv = kv_heads // self.tp_size if self.tp_size < kv_heads else 1
+        return cfg.num_hidden_layers, local_kv, head_dim
 
     def facts(self) -> ModelFacts:
         """What the runtime defaults depend on (after the weights loaded, so free memory excludes them)."""
@@ -98,6 +140,8 @@ class ModelRunner:
         """The KV buffers (allocated once) and the device slot table, as the runtime sized them."""
         layers, kv_heads, head_dim = self._kv_shape()
         self.runtime = runtime
+        if self.tp_leader is not None:
+            self.tp_leader.send_kv(runtime, num_rows)
         self.kv_pool = KVPool(
             num_pages=runtime.num_kv_pages,
             page_size=runtime.page_size,
@@ -130,7 +174,11 @@ class ModelRunner:
             kv_capacity=self.runtime.kv_capacity,
             max_running_requests=self.runtime.max_running_requests,
             eos_token_ids=list(self.eos_token_ids),
-            runtime=self.runtime.as_dict(),
+            runtime={
+                **self.runtime.as_dict(),
+                "tp_size": self.tp_size,
+                "param_bytes_per_rank": list(self.rank_param_bytes),
+            },
         )
 
     # ---- one step --------------------------------------------------------------------------------
@@ -149,6 +197,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Logits [S, V] for the spans that sample, in span order."""
+        if self.tp_leader is not None:
+            self.tp_leader.send_step(step)  # the other ranks run the same step on their shards
         fb = self.build_forward_batch(step)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         return self.model.compute_logits(hidden if fb.samples_every_token else hidden[fb.sample_indices])
@@ -169,6 +219,15 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, step: StepInput) -> SamplerOutput:
         sampling = self.build_sampling_batch(step, logits.shape[-1])
-        return self.sampler(
+        out = self.sampler(
             logits, sampling, return_logprob=step.return_logprob, top_logprobs_num=step.top_logprobs_num
         )
+        if self.tp_check_agreement:
+            parallel.check_ranks_agree(out.next_token_ids)
+        return out
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op without them)."""
+        if self.tp_leader is not None:
+            self.tp_leader.close()
+            self.tp_leader = None

@@ -59,3 +59,51 @@ class StepInput:
     @property
     def top_logprobs_num(self) -> int:
         return max((s.top_logprobs_num for s in self.sampling if s.return_logprob), default=0)
+
+
+# ---- the wire form: what rank 0 sends the other tensor-parallel ranks each step ----------------------
+# Plain lists of ints, bools and a dict per sampling row, so msgpack carries them (never pickle). Sampling
+# params travel as their full dict; every rank rebuilds the same SamplingParams and samples the same way.
+
+
+def _int64(value: int) -> int:
+    """Fold a Python int into int64 (two's complement), as the sampler's hash does: msgpack stops at 64 bits."""
+    return ((int(value) + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+
+def _params_to_wire(params: SamplingParams) -> dict:
+    d = params.to_dict()
+    if d.get("seed") is not None:
+        d["seed"] = _int64(d["seed"])
+    return d
+
+
+def step_to_wire(step: StepInput) -> list:
+    return [
+        [[s.row, s.start, s.token_ids, s.slots, s.samples] for s in step.spans],
+        [[row, start, slots] for row, start, slots in step.table_writes],
+        [
+            [
+                _params_to_wire(x.params),
+                _int64(x.seed),
+                x.num_output_tokens,
+                list(x.prompt_ids),
+                list(x.output_ids),
+                x.return_logprob,
+                x.top_logprobs_num,
+            ]
+            for x in step.sampling
+        ],
+    ]
+
+
+def step_from_wire(data: list) -> StepInput:
+    spans, writes, sampling = data
+    return StepInput(
+        spans=[SpanInput(row, start, ids, slots, samples) for row, start, ids, slots, samples in spans],
+        table_writes=[(row, start, slots) for row, start, slots in writes],
+        sampling=[
+            SamplingInput(SamplingParams(**params), seed, n, prompt, output, lp, top)
+            for params, seed, n, prompt, output, lp, top in sampling
+        ],
+    )

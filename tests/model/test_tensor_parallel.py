@@ -1,0 +1,108 @@
+"""Tensor parallelism on CPU (gloo): greedy output token-identical to transformers and to TP=1, with
+chunked prefill, prefix-cache hits and retraction; every rank samples the same tokens; each rank holds
+its share of the weights; a rank that dies fails the engine instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from radixlm.config import EngineConfig
+from radixlm.core.engine_core import EngineCore
+from radixlm.testing import cached_model_folder
+from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy, random_prompts
+
+NATIVE = ["llama", "qwen2", "qwen3", "mistral"]
+LENGTHS = [3, 9, 17, 30, 45, 64, 90, 130]
+MAX_NEW = 20
+
+
+@pytest.fixture(autouse=True)
+def _ranks_check_agreement(monkeypatch):
+    """Every step all-gathers the sampled ids and raises if any rank sampled differently."""
+    monkeypatch.setenv("RADIXLM_TP_CHECK_AGREEMENT", "1")
+
+
+def _core(arch: str, tp: int, **options) -> EngineCore:
+    path = cached_model_folder(arch, "tiny")
+    return EngineCore(
+        EngineConfig(model_path=str(path), model_impl="native", dtype="float32", tp_size=tp, **options)
+    )
+
+
+def _greedy(core: EngineCore, prompts, stagger: int = 1):
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    return drive_core(core, prompts, params, stagger)["ids"]
+
+
+@pytest.mark.parametrize("arch", NATIVE)
+def test_tp2_matches_transformers_with_chunks_prefix_hits_and_retraction(arch: str) -> None:
+    core = _core(arch, 2, max_total_tokens=400, chunked_prefill_size=16)
+    try:
+        assert core.model_info().runtime["tp_size"] == 2
+        prompts = random_prompts(core.runner.vocab_size, LENGTHS, seed=11)
+        results = _greedy(core, prompts)
+        assert core.scheduler.num_retractions > 0, "the pool was meant to force retraction"
+        # The same prompts again: they start from the radix cache's copies of the first round.
+        results += _greedy(core, prompts[::-1])[::-1]
+        assert core.total_cached_tokens > 0, "the second round was meant to hit the prefix cache"
+    finally:
+        core.close()
+    path = cached_model_folder(arch, "tiny")
+    for i, p in enumerate(prompts + prompts):
+        ref, margins = hf_greedy(path, p, MAX_NEW)
+        assert_greedy_match(results[i], ref, margins, f"{arch} tp=2 prompt {i} (len {len(p)})")
+
+
+def test_tp2_and_tp4_give_tp1s_tokens() -> None:
+    prompts = random_prompts(2048, LENGTHS, seed=12)
+    outputs = {}
+    for tp in (1, 2, 4):
+        core = _core("qwen2", tp, max_total_tokens=4096)
+        try:
+            outputs[tp] = _greedy(core, prompts)
+        finally:
+            core.close()
+    assert outputs[2] == outputs[1]
+    assert outputs[4] == outputs[1]  # 4 query heads, 2 KV heads: one query head and a replicated KV head each
+
+
+def test_each_rank_holds_its_share_of_the_weights() -> None:
+    sizes = {}
+    for tp in (1, 2):
+        core = _core("llama", tp, max_total_tokens=1024, linear_kernel="dense")
+        try:
+            sizes[tp] = core.model_info().runtime["param_bytes_per_rank"]
+        finally:
+            core.close()
+    (whole,) = sizes[1]
+    assert len(sizes[2]) == 2
+    for rank_bytes in sizes[2]:
+        # Norm weights are replicated, everything else (linears, embedding, head) is split in two.
+        assert 0.5 * whole <= rank_bytes < 0.53 * whole, (rank_bytes, whole)
+
+
+def test_a_killed_rank_fails_the_engine_instead_of_hanging_it() -> None:
+    core = _core("qwen2", 2, max_total_tokens=4096)
+    try:
+        worker = core.runner.tp_leader._procs[0]
+        prompts = random_prompts(core.runner.vocab_size, [20, 30], seed=13)
+        _greedy(core, prompts)  # a healthy run first
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank"):
+            _greedy(core, prompts)
+        assert time.monotonic() - start < 10
+    finally:
+        core.close()
+    assert not worker.is_alive()
+
+
+def test_transformers_backend_under_tp_is_refused_by_name() -> None:
+    path = cached_model_folder("gemma3", "tiny")
+    with pytest.raises(ValueError, match="tensor parallelism covers native implementations only"):
+        EngineCore(EngineConfig(model_path=str(path), dtype="float32", tp_size=2))
