@@ -11,6 +11,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"demo": _demo, "serve": _serve, "bench": _bench, "make-model": _make_model}
     if argv and argv[0] in ("-h", "--help"):
         print("usage: radixlm {demo,serve,bench,make-model} [options]   (radixlm COMMAND --help for each)")
+        print("       radixlm --version")
+        return 0
+    if argv and argv[0] in ("-V", "--version"):
+        from radixlm import __version__
+
+        print(f"radixlm {__version__}")
         return 0
     if not argv or argv[0] not in commands:
         if argv and not argv[0].startswith("-"):
@@ -36,7 +42,14 @@ def _demo(argv: list[str]) -> int:
     prompts = ns.prompt or ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
     from radixlm import Engine
 
-    with Engine(**vars(config)) as llm:
+    try:
+        llm = Engine(**vars(config))
+    except (ValueError, OSError) as exc:  # a wrong path, a folder without weights: one line, no traceback
+        if config.log_level == "debug":
+            raise
+        print(f"radixlm demo: error: {exc}", file=sys.stderr)
+        return 2
+    with llm:
         info = llm.get_model_info()
         print(f"model: {info['architecture']} via {info['model_impl']} ({info['model_impl_reason']})")
         if not config.model_path:

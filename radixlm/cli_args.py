@@ -24,11 +24,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field: model_path -> --model-path (SGLang's spelling)."""
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
+        # Other servers' spellings of the same flag (vLLM's --model) are accepted too.
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         tp = _base_type(f.type)
         if tp is bool:
-            group.add_argument(flag, action="store_true", default=f.default, help=help_text)
+            group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
             continue
         kwargs: dict[str, Any] = {
             "type": tp,
@@ -37,7 +38,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         }
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def config_from_args(ns: argparse.Namespace) -> EngineConfig:

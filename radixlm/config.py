@@ -7,6 +7,8 @@ with its help text, and appears in `Engine(**options)`, `radixlm serve --flag` a
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +16,20 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+GENERATION_CONFIGS = ("auto", "none")
+# Other servers' spellings, accepted so their command lines work here (normalized in __post_init__).
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+MODEL_IMPL_ALIASES = {"sglang": "native", "vllm": "native"}  # their own implementations = our native one
+# SGLang's switch for a --context-length above the model's limit; radixlm honours it under either name.
+ALLOW_LONGER_CONTEXT_ENV = (
+    "RADIXLM_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN",
+    "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN",
+)
 LINEAR_KERNELS = ("auto", "dense", "packed")
+LOAD_BALANCE_METHODS = ("cache_aware", "round_robin")
+
+logger = logging.getLogger("radixlm")
+DEFAULT_MAX_N = 128  # samples per request; OpenAI's own API allows at most 128
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -25,29 +40,53 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class EngineConfig:
     # --- model ---
     model_path: str = _opt(
-        "", "Local model folder or Hugging Face Hub id. Empty: a locally written demo model."
+        "",
+        "Local model folder or Hugging Face Hub id (also --model). Empty: a locally written demo model "
+        "(the Python API and `radixlm demo`; `radixlm serve` refuses to start without a model).",
+        aliases=("--model",),
     )
     tokenizer_path: str | None = _opt(None, "Tokenizer folder or Hub id (default: the model path).")
     model_impl: str = _opt(
         "auto",
         "auto: a native implementation when one exists, else the Transformers backend; "
-        "native: require a native one; transformers: force the Transformers backend.",
-        choices=MODEL_IMPLS,
+        "native (or sglang, vllm): require a native one; transformers: force the Transformers backend.",
+        choices=MODEL_IMPLS + tuple(MODEL_IMPL_ALIASES),
     )
     trust_remote_code: bool = _opt(False, "Allow a model folder's own modeling code (auto_map) to run.")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to download.")
     dtype: str = _opt(
         "auto",
-        "Weight and activation dtype. auto: the checkpoint's dtype (float32 stays float32).",
-        choices=DTYPES,
+        "Weight and activation dtype. auto: the checkpoint's dtype (float32 stays float32); half and float "
+        "are float16 and float32.",
+        choices=DTYPES + tuple(DTYPE_ALIASES),
     )
     device: str = _opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N.")
-    context_length: int | None = _opt(None, "Maximum tokens per sequence (default: from the model config).")
-    chat_template: str | None = _opt(None, "A Jinja chat template, or a path to a file holding one.")
+    context_length: int | None = _opt(
+        None,
+        "Maximum tokens per sequence (default: from the model config). Above the model's own limit only "
+        "with --allow-longer-context (or SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1).",
+    )
+    allow_longer_context: bool = _opt(
+        False, "Accept a --context-length above the model's max_position_embeddings (outputs may degrade)."
+    )
+    chat_template: str | None = _opt(
+        None,
+        "A Jinja chat template, a path to a file holding one, or a built-in name: chatml (qwen), llama-3 "
+        "(llama-3-instruct), llama-2 (llama-2-chat), gemma (gemma-it).",
+    )
+    generation_config: str = _opt(
+        "auto",
+        "auto: sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty) from the model's "
+        "generation_config.json apply to requests that leave them unset, as in vLLM; none: ignore the file.",
+        choices=GENERATION_CONFIGS,
+    )
     # --- memory and scheduling ---
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static).")
     mem_fraction_static: float | None = _opt(
-        None, "Fraction of free device memory (RAM on CPU) for the KV pool, measured after the weights load."
+        None,
+        "SGLang's meaning: the fraction of the device's total memory (RAM on CPU) that the weights and the "
+        "KV pool together may take; the pool gets what the weights leave of it. Unset: the pool takes 0.85 "
+        "of the memory free after the weights on GPU, 0.25 (at most 2 GiB) on CPU.",
     )
     max_running_requests: int | None = _opt(None, "Maximum requests in the running batch (default 256).")
     max_prefill_tokens: int = _opt(16384, "Token budget for new prompt tokens admitted in one step.")
@@ -59,10 +98,33 @@ class EngineConfig:
     disable_radix_cache: bool = _opt(False, "Do not reuse KV across requests (no prefix cache).")
     page_size: int = _opt(1, "Tokens per KV page.")
     random_seed: int | None = _opt(None, "Seed for requests that do not set one (default: random).")
+    max_n: int = _opt(DEFAULT_MAX_N, "Most samples (`n`) one request may ask for; more is refused.")
     tp_size: int = _opt(
         1,
         "Tensor-parallel ranks: processes that each hold 1/N of every linear layer and of the KV heads, "
         "joined through torch.distributed (gloo on CPU, NCCL on CUDA, one GPU per rank).",
+        aliases=("--tensor-parallel-size", "--tp"),
+    )
+    dp_size: int = _opt(
+        1,
+        "Data-parallel replicas: engines with their own core process and KV cache behind one front, which "
+        "routes each request (see --load-balance-method).",
+        aliases=("--data-parallel-size", "--dp"),
+    )
+    load_balance_method: str = _opt(
+        "cache_aware",
+        "How data-parallel replicas get requests. cache_aware: the replica that most likely caches the "
+        "longest prefix of the prompt, unless it is much busier than the least loaded; round_robin: in turn.",
+        choices=LOAD_BALANCE_METHODS,
+    )
+    nnodes: int = _opt(1, "Nodes the tensor-parallel ranks span (tp_size / nnodes ranks on each).")
+    node_rank: int = _opt(
+        0, "This node's index: 0 runs the scheduler and the server; the others run only their ranks."
+    )
+    dist_init_addr: str | None = _opt(
+        None,
+        "host:port of node 0 for a multi-node rendezvous (torch.distributed's TCP store); the ranks' step "
+        "sockets use the ports after it (port + rank).",
     )
     linear_kernel: str = _opt(
         "auto",
@@ -80,19 +142,27 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        # Normalizing other servers' spellings is part of validation: the config is never changed after.
+        if isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if isinstance(self.model_impl, str):
+            object.__setattr__(self, "model_impl", MODEL_IMPL_ALIASES.get(self.model_impl, self.model_impl))
         _check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
         _check_choice("log_level", self.log_level, LOG_LEVELS)
+        _check_choice("generation_config", self.generation_config, GENERATION_CONFIGS)
         _check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
+        _check_choice("load_balance_method", self.load_balance_method, LOAD_BALANCE_METHODS)
+        self._check_nodes()
         if not isinstance(self.model_path, str):
             raise TypeError(f"model_path must be a string, got {type(self.model_path).__name__}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-        for name in ("context_length", "max_total_tokens", "max_running_requests", "tp_size"):
+        for name in ("context_length", "max_total_tokens", "max_running_requests", "tp_size", "nnodes", "dp_size"):
             _check_positive_int(name, getattr(self, name), optional=True)
-        for name in ("max_prefill_tokens", "page_size", "stream_interval"):
+        for name in ("max_prefill_tokens", "page_size", "stream_interval", "max_n"):
             _check_positive_int(name, getattr(self, name), optional=False)
         cps = self.chunked_prefill_size
         if cps is not None and cps != -1:
@@ -108,6 +178,21 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def _check_nodes(self) -> None:
+        if isinstance(self.nnodes, int) and self.nnodes > 1:
+            if not isinstance(self.tp_size, int) or self.tp_size % self.nnodes:
+                raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
+            if not self.dist_init_addr:
+                raise ValueError("nnodes > 1 needs dist_init_addr (host:port of node 0)")
+        if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int):
+            raise ValueError(f"node_rank must be an integer, got {self.node_rank!r}")
+        if not 0 <= self.node_rank < max(1, self.nnodes if isinstance(self.nnodes, int) else 1):
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes {self.nnodes}")
+        if self.dist_init_addr is not None:
+            host, _, port = str(self.dist_init_addr).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
@@ -156,6 +241,7 @@ class ModelFacts:
     model_context_length: int | None  # max_position_embeddings, if the config has it
     kv_bytes_per_token: int
     free_memory_bytes: int  # device memory on CUDA, available RAM on CPU, after the weights loaded
+    total_memory_bytes: int | None = None  # the device's (or the machine's RAM); None: not measured
 
 
 @dataclass(frozen=True)
@@ -179,6 +265,7 @@ class RuntimeConfig:
 
     @classmethod
     def resolve(cls, config: EngineConfig, facts: ModelFacts) -> RuntimeConfig:
+        _check_context_within_model(config, facts)
         context = config.context_length or facts.model_context_length or DEFAULT_CONTEXT_LENGTH
         max_running = config.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
         chunk = config.chunked_prefill_size
@@ -192,9 +279,10 @@ class RuntimeConfig:
                 f"free memory is {facts.free_memory_bytes / 2**20:.0f} MiB at {facts.kv_bytes_per_token} "
                 "bytes per token: raise --max-total-tokens or --mem-fraction-static"
             )
+        context = _fit_context_to_pool(config, int(context), capacity, reason)
         return cls(
             device_type=facts.device_type,
-            context_length=int(context),
+            context_length=context,
             max_running_requests=max_running,
             max_prefill_tokens=config.max_prefill_tokens,
             chunked_prefill_size=None if chunk == -1 else chunk,
@@ -209,6 +297,43 @@ class RuntimeConfig:
         return dataclasses.asdict(self)
 
 
+def _check_context_within_model(config: EngineConfig, facts: ModelFacts) -> None:
+    """A context longer than the model was trained for gives degraded output; it must be asked for."""
+    limit, asked = facts.model_context_length, config.context_length
+    if asked is None or limit is None or asked <= limit:
+        return
+    if config.allow_longer_context or any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ALLOW_LONGER_CONTEXT_ENV
+    ):
+        logger.warning("--context-length %d is above the model's limit of %d tokens (allowed)", asked, limit)
+        return
+    raise ValueError(
+        f"--context-length {asked} is above the model's limit of {limit} tokens (max_position_embeddings); "
+        f"pass --allow-longer-context (or set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1) to use it anyway"
+    )
+
+
+def _fit_context_to_pool(config: EngineConfig, context: int, capacity: int, reason: str) -> int:
+    """A context longer than the KV pool lets one request outgrow the pool mid-answer (it would end in an
+    abort). An explicit --context-length that does not fit is refused; the model's own is clamped, loudly."""
+    if context <= capacity:
+        return context
+    if config.context_length is not None:
+        raise ValueError(
+            f"--context-length {context} is longer than the KV pool ({capacity} tokens, from {reason}): a "
+            "request could outgrow the pool; raise --max-total-tokens or --mem-fraction-static, or lower "
+            "--context-length"
+        )
+    logger.warning(
+        "the KV pool holds %d tokens, fewer than the model's context length %d: serving with a context "
+        "length of %d (raise --max-total-tokens or --mem-fraction-static for more)",
+        capacity,
+        context,
+        capacity,
+    )
+    return capacity
+
+
 def _kv_capacity(config: EngineConfig, facts: ModelFacts, context: int, max_running: int) -> tuple[int, str]:
     """KV pool tokens and the reason, for the log: the smallest of what memory allows and what the
     workload can ever use."""
@@ -216,9 +341,20 @@ def _kv_capacity(config: EngineConfig, facts: ModelFacts, context: int, max_runn
         return config.max_total_tokens, "--max-total-tokens"
     per_token = facts.kv_bytes_per_token
     fraction = config.mem_fraction_static or DEFAULT_MEM_FRACTION.get(facts.device_type, 0.85)
+    free, total = facts.free_memory_bytes, facts.total_memory_bytes
+    if config.mem_fraction_static is not None and total:
+        # SGLang's meaning: weights + KV within `fraction` of the total, so the pool gets the free memory
+        # minus the part of the total kept out of the budget.
+        budget = max(free - int(total * (1.0 - fraction)), 0)
+        memory_limit = (
+            f"--mem-fraction-static {fraction:g} of {total / 2**30:.1f} GiB total for weights + KV "
+            f"({free / 2**30:.1f} GiB free after the weights)"
+        )
+    else:
+        budget = int(free * fraction)
+        memory_limit = f"{fraction:g} of {free / 2**30:.1f} GiB free"
     limits = {
-        f"{fraction:g} of {facts.free_memory_bytes / 2**30:.1f} GiB free": int(facts.free_memory_bytes * fraction)
-        // per_token,
+        memory_limit: budget // per_token,
         # More than every running request at full context is never used.
         f"{max_running} requests x {context} tokens": max_running * context,
     }

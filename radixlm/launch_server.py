@@ -1,9 +1,10 @@
 """`radixlm serve` / `python -m radixlm.launch_server`: the OpenAI-compatible HTTP server.
 
 Engine flags come from EngineConfig (radixlm/cli_args.py); this adds the network ones. The Engine is
-built before the port opens, so once a client can connect, /health answers 200. SIGTERM and SIGINT are
-uvicorn's: it stops accepting, gives open requests a few seconds, and the app's shutdown stops the engine
-core, so no process is left behind.
+built before the port opens, so once a client can connect, /health answers 200. On SIGTERM or SIGINT
+the server stops accepting, gives running requests --shutdown-timeout seconds, ends the rest with an
+OpenAI-style error (server/drain.py), and the app's shutdown stops the engine core, so no process is left
+behind. Request size and header limits: server/limits.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 
 import uvicorn
 
-# Seconds open requests get to finish after SIGTERM before their connections are closed.
-GRACEFUL_SHUTDOWN_S = 5
+from radixlm.server.drain import DEFAULT_SHUTDOWN_TIMEOUT_S, DrainingServer
+from radixlm.server.limits import LimitedApp, add_limit_args, limits_from_args
+from radixlm.server.startup import UserError, add_startup_args, reserve_port, resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Require `Authorization: Bearer <key>` on every route except /health and /metrics.",
     )
+    net.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="Seconds running requests get to finish after SIGTERM; those still running then end with a "
+        f"503 error (default: {DEFAULT_SHUTDOWN_TIMEOUT_S:g}).",
+    )
+    add_limit_args(net)
+    add_startup_args(parser, net)
     add_engine_args(parser)
     return parser
 
@@ -49,42 +60,79 @@ def main(argv: list[str] | None = None) -> int:
     from radixlm.cli_args import config_from_args
 
     try:
+        resolve_model(ns)
+    except UserError as exc:
+        return _user_error(exc)
+    try:
         config = config_from_args(ns)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
+    if config.node_rank > 0:
+        # A follower node runs its tensor-parallel ranks only; node 0 schedules and serves.
+        from radixlm.model.parallel import run_follower_node
+
+        return run_follower_node(config)
     if not 0 <= ns.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {ns.port}")
+    if not ns.shutdown_timeout >= 0:
+        parser.error(f"--shutdown-timeout must be >= 0, got {ns.shutdown_timeout}")
+    try:
+        limits = limits_from_args(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    try:
+        sock = reserve_port(ns.host, ns.port)
+    except UserError as exc:
+        return _user_error(exc)
 
     from radixlm import Engine
     from radixlm.server.app import create_app
 
-    engine = Engine(**vars(config))
+    try:
+        engine = Engine(**vars(config))
+    except (ValueError, OSError) as exc:  # a wrong path, a folder without weights, a bad option value
+        sock.close()
+        if config.log_level == "debug":
+            raise
+        return _user_error(exc)
     try:
         app = create_app(
             engine,
             served_model_name=ns.served_model_name,
             api_key=ns.api_key,
             enable_metrics=config.enable_metrics,
+            strict_model_name=ns.strict_model_name,
+            metrics_prefixes=tuple(ns.metrics_prefix),
         )
         server = _Server(
             uvicorn.Config(
-                app,
+                LimitedApp(app, limits),
                 host=ns.host,
                 port=ns.port,
                 log_level=config.log_level,
                 # One line per request drowns the log under load; debug turns it on.
                 access_log=config.log_level == "debug",
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            )
+                **limits.uvicorn_options(),
+            ),
+            app.state.ctx,
+            ns.shutdown_timeout,
         )
-        server.run()
+        server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
-        engine.shutdown()  # a no-op after the app's own shutdown; covers a failed start (port in use)
+        sock.close()
+        engine.shutdown()  # a no-op after the app's own shutdown; covers a failed start
 
 
-class _Server(uvicorn.Server):
-    """uvicorn.Server that prints one clear line once the socket accepts connections."""
+def _user_error(exc: BaseException) -> int:
+    """One line for a user's mistake (--log-level debug shows the traceback instead)."""
+    print(f"radixlm serve: error: {exc}", file=sys.stderr)
+    return 2
+
+
+class _Server(DrainingServer):
+    """The draining uvicorn.Server that prints one clear line once the socket accepts connections."""
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)

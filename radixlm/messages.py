@@ -81,13 +81,15 @@ class AddRequest:
     """One prompt and its n samples. `rids` names each sample (len(rids) == n): the core computes the
     prompt once for all of them, seeds sample k with seed + k (when a seed is set) and reports each sample
     under its own rid. `sampling_params` is a validated SamplingParams as a dict; the core takes the
-    number of samples from `rids`, not from its `n`."""
+    number of samples from `rids`, not from its `n`. `logprob_start_len` k >= 0 (with return_logprob)
+    asks for prompt logprobs of positions k..len-1 (SGLang's); -1 for none."""
 
     rids: list[str]
     input_ids: list[int]
     sampling_params: dict[str, Any]
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 @dataclass
@@ -134,7 +136,11 @@ class ControlReply:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: only the new tokens; the front accumulates."""
+    """What one step produced for one request: only the new tokens; the front accumulates.
+
+    `new_input_logprobs` are prompt-token logprobs (logprob_start_len), in prompt order, continuing where
+    the previous output's ended: the first ever is prompt position max(logprob_start_len, 1) (position
+    0 has no logprob; the front shows it as None)."""
 
     rid: str
     new_token_ids: list[int]
@@ -144,6 +150,8 @@ class RequestOutput:
     cached_tokens: int
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    new_input_logprobs: list[float] = field(default_factory=list)
+    new_input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -262,14 +270,25 @@ class _Codec:
             o.cached_tokens,
             o.new_logprobs,
             o.new_top_logprobs,
+            o.new_input_logprobs,
+            o.new_input_top_logprobs,
         ]
 
     @staticmethod
     def output_from_wire(w: list[Any]) -> RequestOutput:
-        rid, ids, reason, prompt, completion, cached, lps, tops = w
+        rid, ids, reason, prompt, completion, cached, lps, tops, in_lps, in_tops = w
         fr = None if reason is None else FinishReason(*reason)
         return RequestOutput(
-            rid, ids, fr, prompt, completion, cached, lps, [[tuple(p) for p in row] for row in tops]
+            rid,
+            ids,
+            fr,
+            prompt,
+            completion,
+            cached,
+            lps,
+            [[tuple(p) for p in row] for row in tops],
+            in_lps,
+            [[tuple(p) for p in row] for row in in_tops],
         )
 
 

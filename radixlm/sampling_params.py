@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +20,43 @@ from typing import Any
 GREEDY_TEMPERATURE_EPS = 1e-6
 
 
+# Every integer crosses to the core as msgpack, which holds 64 bits: a larger one would fail there, far
+# from the caller, so it is refused here with the field's name.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Error messages echo what the caller sent, clipped: a 1 MB stop string must not make a 1 MB error.
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = 80
+_ECHO.maxlist = _ECHO.maxtuple = 6
+
+
+def short_repr(value: Any) -> str:
+    """repr() for error messages, with long strings, lists and numbers clipped."""
+    return _ECHO.repr(value)
+
+
 def _field_error(name: str, expected: str, value: Any) -> ValueError:
-    return ValueError(f"sampling_params.{name} must be {expected}, got {value!r}")
+    return ValueError(f"sampling_params.{name} must be {expected}, got {short_repr(value)}")
 
 
 def _as_int(name: str, value: Any, expected: str) -> int:
     # bool is a subclass of int in Python; `max_new_tokens=True` is a bug in the caller, not a 1.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _field_error(name, expected, value)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise _field_error(name, f"{expected}, within 64 bits", value)
     return int(value)
+
+
+def is_valid_text(s: str) -> bool:
+    """False for a str holding a lone surrogate (JSON allows "\\ud800"; UTF-8, msgpack and tokenizers don't)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_float(name: str, value: Any, expected: str) -> float:
@@ -68,6 +97,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    # OpenAI's: token id -> a value in [-100, 100] added to that token's logit before sampling (and before
+    # a greedy argmax). JSON keys are strings, so decimal-string ids are accepted and become ints.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, "an int >= 0")
@@ -121,8 +153,10 @@ class SamplingParams:
             raise _field_error("n", "an int >= 1", self.n)
 
         if self.seed is not None:
-            # Any int is a valid seed: the sampler folds it into 64 bits.
+            # Any 64-bit int is a valid seed (the sampler folds seed + sample index into 64 bits).
             self.seed = _as_int("seed", self.seed, "an int or None")
+
+        self.logit_bias = self._check_logit_bias(self.logit_bias)
 
     @staticmethod
     def _check_stop(stop: Any) -> list[str]:
@@ -135,18 +169,41 @@ class SamplingParams:
             # An empty stop string would match at every position and end the request at once.
             if not isinstance(s, str) or not s:
                 raise _field_error("stop", expected, stop)
+            if not is_valid_text(s):
+                raise _field_error("stop", "valid Unicode text (no lone surrogates)", s)
         return list(stop)
 
     @staticmethod
     def _check_stop_token_ids(ids: Any) -> list[int]:
-        expected = "a list of ints >= 0"
+        expected = "a list of ints >= 0, within 64 bits"
         if not isinstance(ids, (list, tuple)):
             raise _field_error("stop_token_ids", expected, ids)
         out = []
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i <= INT64_MAX:
                 raise _field_error("stop_token_ids", expected, ids)
             out.append(int(i))
+        return out
+
+    @staticmethod
+    def _check_logit_bias(bias: Any) -> dict[int, float]:
+        # Token ids are checked against the vocabulary where it is known (the front's prompt checks).
+        expected = "a map of token id (an int >= 0, or its decimal string) to a bias in [-100, 100]"
+        if not isinstance(bias, Mapping):
+            raise _field_error("logit_bias", expected, bias)
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+            if (
+                isinstance(token, bool)
+                or not isinstance(token, numbers.Integral)
+                or not 0 <= token <= INT64_MAX
+            ):
+                raise _field_error("logit_bias", expected, {key: value})
+            v = _as_float("logit_bias", value, expected)
+            if not -100.0 <= v <= 100.0:
+                raise _field_error("logit_bias", expected, {key: value})
+            out[int(token)] = v
         return out
 
     @classmethod
@@ -165,7 +222,7 @@ class SamplingParams:
         if unknown:
             # Silently dropping an option would sample differently from what the user asked for.
             raise ValueError(
-                f"unknown sampling_params key(s) {', '.join(repr(k) for k in unknown)}; "
+                f"unknown sampling_params key(s) {', '.join(short_repr(k) for k in unknown[:5])}; "
                 f"valid keys are: {', '.join(valid)}"
             )
         return cls(**obj)

@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RADIXLM_EXTRAS=test . scripts/install.sh
+# SGLang's frontend, for tests/server/test_sglang_frontend.py: --no-deps, because sglang pins torch and
+# transformers versions of its own; the few packages its frontend imports come with the test extras.
+python -m pip install -q --no-deps "sglang==0.5.23"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check radixlm tests
 exec python -m pytest tests "$@"

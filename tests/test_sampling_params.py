@@ -83,9 +83,24 @@ BAD_VALUES = [
     ("seed", 1.5),
     ("seed", "7"),
     ("seed", True),
+    ("seed", 2**80),  # beyond 64 bits: msgpack could not carry it to the core
+    ("seed", -(2**80)),
+    ("max_new_tokens", 2**64),
+    ("top_k", 2**63),
+    ("stop_token_ids", [2**64]),
+    ("stop", ["\ud800"]),  # a lone surrogate: not encodable text
     ("skip_special_tokens", None),
     ("spaces_between_special_tokens", 0),
     ("no_stop_trim", "false"),
+    ("logit_bias", {5: 100.5}),  # OpenAI's range is [-100, 100]
+    ("logit_bias", {5: -101}),
+    ("logit_bias", {5: float("nan")}),
+    ("logit_bias", {5: "1"}),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"abc": 1.0}),
+    ("logit_bias", {"-3": 1.0}),
+    ("logit_bias", {True: 1.0}),
+    ("logit_bias", [[5, 1.0]]),
 ]
 
 
@@ -123,13 +138,22 @@ def test_message_says_what_was_expected():
         {"repetition_penalty": 1e-3},
         {"frequency_penalty": -2},
         {"presence_penalty": 2},
-        {"seed": -(2**80)},
-        {"seed": 2**80},
+        {"seed": -(2**63)},  # every 64-bit int: what msgpack carries to the core
+        {"seed": 2**63 - 1},
         {"n": 4},
+        {"logit_bias": {0: -100, 7: 100.0}},
     ],
 )
 def test_edge_values_accepted(kwargs):
     SamplingParams(**kwargs)
+
+
+def test_logit_bias_keys_may_be_decimal_strings():
+    # JSON object keys are strings: OpenAI's {"50256": -100} means token 50256.
+    assert SamplingParams.from_any({"logit_bias": {"50256": -100, 3: 2}}).logit_bias == {
+        50256: -100.0,
+        3: 2.0,
+    }
 
 
 def test_int_floats_become_floats():
@@ -205,7 +229,7 @@ valid_params = st.fixed_dictionaries(
         "stop_token_ids": st.lists(st.integers(0, 10**6), max_size=3),
         "ignore_eos": st.booleans(),
         "n": st.integers(1, 8),
-        "seed": st.one_of(st.none(), st.integers()),
+        "seed": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
     },
 )
 

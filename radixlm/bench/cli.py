@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_args(p)
     _add_common(p)
 
+    p = sub.add_parser("router", help="data-parallel routing: cache-aware vs round robin, shared prefixes")
+    from radixlm.bench.router import add_router_args
+
+    add_router_args(p)
+    _add_common(p)
+    _add_engine(p)
+    p.set_defaults(dp_size=2, dtype="float32")
+
     p = sub.add_parser("overhead", help="per-step host time vs forward time, before (another tree) and after")
     from radixlm.bench.overhead import add_overhead_args
 
@@ -181,6 +189,19 @@ def main(argv: list[str] | None = None) -> int:
             vllm=options_from_args(ns),
         )
         reports = run_prefix(config_from_args(ns), opts)
+    elif ns.bench == "router":
+        import json
+
+        from radixlm.bench.common import resolve_config
+        from radixlm.bench.router import print_rows, run_router
+
+        config = resolve_config(config_from_args(ns))
+        rows = run_router(config, ns)
+        print_rows(rows, config, ns)
+        if ns.json:
+            with open(ns.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     elif ns.bench == "overhead":
         from radixlm.bench.overhead import run_overhead_from_args
 

@@ -40,7 +40,7 @@ def run_core_loop(
             if isinstance(msg, Shutdown):
                 send(ControlReply(msg.call_id, True))
                 return
-            reply = _apply(core, msg)
+            reply = _apply_guarded(core, msg)
             if reply is not None:
                 send(reply)
         if core.has_work():
@@ -49,13 +49,32 @@ def run_core_loop(
                 send(StepOutputs(outputs))
 
 
+def _apply_guarded(core: EngineCore, msg: Any) -> Any:
+    """`_apply`, but a message whose fields are malformed (it decoded, yet is not what its class says) is
+    dropped and logged: one bad message must not stop the engine for every other request."""
+    try:
+        return _apply(core, msg)
+    except Exception as exc:
+        logger.error("core: dropping a message it could not apply: %.200r\n%s", msg, traceback.format_exc())
+        if isinstance(msg, AddRequest):  # its caller waits: answer with a refusal rather than silence
+            return _refused(msg, f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def _refused(msg: AddRequest, message: str) -> StepOutputs | None:
+    rids = msg.rids if isinstance(msg.rids, list) else []
+    prompt_len = len(msg.input_ids) if isinstance(msg.input_ids, list) else 0
+    reason = FinishReason.abort(ABORT_REFUSED, message)
+    outputs = [RequestOutput(rid, [], reason, prompt_len, 0, 0) for rid in rids if isinstance(rid, str)]
+    return StepOutputs(outputs) if outputs else None
+
+
 def _apply(core: EngineCore, msg: Any) -> Any:
     if isinstance(msg, AddRequest):
         try:
             core.add_request(msg)
         except (ValueError, TypeError) as exc:  # the front validates; this is the core's own safety net
-            reason = FinishReason.abort(ABORT_REFUSED, str(exc))
-            return StepOutputs([RequestOutput(rid, [], reason, len(msg.input_ids), 0, 0) for rid in msg.rids])
+            return _refused(msg, str(exc))
         return None
     if isinstance(msg, AbortRequest):
         out = core.abort(msg.rid, msg.message)

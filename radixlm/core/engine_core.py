@@ -6,8 +6,12 @@ validated every request against ModelInfo; the checks here are invariants, not u
 
 One step:
 
-    Scheduler.schedule() -> ScheduledStep (spans + StepInput) -> ModelRunner.forward(StepInput) -> logits
-      -> ModelRunner.sample(logits, StepInput) -> Scheduler.commit -> append tokens, stop checks -> outputs
+    Scheduler.schedule() -> ScheduledStep (spans + StepInput) -> ModelRunner.forward(StepInput)
+      -> ForwardOutput (sampling logits, prompt logprobs) -> ModelRunner.sample(logits, StepInput)
+      -> Scheduler.commit -> append tokens, stop checks; finish max_new_tokens=0 requests -> outputs
+
+Prompt logprobs of an n > 1 group are computed once, by the leader: a sample still waiting for the
+leader's prompt takes the leader's values as they come (and then reuses the cached prompt).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import random
 from typing import Any
 
 from radixlm.config import EngineConfig, RuntimeConfig
-from radixlm.core.request import Request
+from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import make_policy
 from radixlm.core.scheduler import Scheduler, Span
 from radixlm.core.stop_checker import StopChecker
@@ -26,7 +30,8 @@ from radixlm.kv.no_prefix_cache import NoPrefixCache
 from radixlm.kv.page_allocator import PageAllocator
 from radixlm.kv.radix_cache import RadixCache
 from radixlm.kv.req_to_token import ReqToToken
-from radixlm.messages import AddRequest, ModelInfo, RequestOutput
+from radixlm.messages import AddRequest, FinishReason, ModelInfo, RequestOutput
+from radixlm.model.prompt_logprobs import ForwardOutput
 from radixlm.model.runner import ModelRunner
 from radixlm.model.sampler import SamplerOutput
 from radixlm.sampling_params import SamplingParams
@@ -68,9 +73,13 @@ class EngineCore:
     def add_request(self, msg: AddRequest) -> None:
         """Queue one prompt and its samples. The front validated it; an AddRequest that still breaks an
         invariant raises ValueError and changes nothing."""
-        params = SamplingParams.from_any(msg.sampling_params)
         self._check_prompt(msg)
+        params = SamplingParams.from_any(msg.sampling_params)
         room = self.runtime.context_length - len(msg.input_ids)
+        if params.logit_bias and max(params.logit_bias) >= self.runner.vocab_size:
+            raise ValueError(
+                f"sampling_params.logit_bias holds a token id outside [0, {self.runner.vocab_size})"
+            )
         if params.max_new_tokens > room:
             params = SamplingParams.from_any({**params.to_dict(), "max_new_tokens": room})
         leader = None
@@ -86,12 +95,33 @@ class EngineCore:
                 return_logprob=msg.return_logprob,
                 top_logprobs_num=msg.top_logprobs_num,
                 leader=leader,
+                logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1,
             )
+            if leader is not None:
+                leader.followers.append(req)
             leader = leader or req
             self._requests[rid] = req
             self.scheduler.add_request(req)
 
     def _check_prompt(self, msg: AddRequest) -> None:
+        # Types first: a message off the socket decodes into any shapes (hole 8 of issue 10), and a string
+        # of "token ids" accepted here would crash the next step, taking every other request with it.
+        if not isinstance(msg.rids, list) or not all(isinstance(r, str) for r in msg.rids):
+            raise TypeError("AddRequest.rids must be a list of strings")
+        ids = msg.input_ids
+        if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            raise TypeError("AddRequest.input_ids must be a list of ints")
+        vocab = self.runner.vocab_size
+        if ids and not (min(ids) >= 0 and max(ids) < vocab):
+            raise ValueError(f"AddRequest.input_ids must lie in the vocabulary [0, {vocab})")
+        top = msg.top_logprobs_num
+        if not isinstance(msg.return_logprob, bool) or type(top) is not int or not 0 <= top <= vocab:
+            raise TypeError(
+                "AddRequest.return_logprob must be a bool and top_logprobs_num an int in [0, vocab]"
+            )
+        k = msg.logprob_start_len
+        if type(k) is not int or not -1 <= k < max(len(ids), 1):
+            raise ValueError("AddRequest.logprob_start_len must be an int in [-1, prompt length)")
         if not msg.rids or len(set(msg.rids)) != len(msg.rids):
             raise ValueError(f"AddRequest needs distinct request ids, got {msg.rids!r}")
         taken = [rid for rid in msg.rids if rid in self._requests]
@@ -122,14 +152,60 @@ class EngineCore:
             return outputs
         self.num_steps += 1
         self.num_tokens_computed += step.num_tokens
-        logits = self.runner.forward(step.step_input)
-        sampled = self.runner.sample(logits, step.step_input) if step.step_input.sampling else None
+        fwd = self.runner.forward(step.step_input)
+        sampled = self.runner.sample(fwd.logits, step.step_input) if step.step_input.sampling else None
         self.scheduler.commit(step)
+        prompt = self._prompt_logprobs(step.spans, fwd)
         if sampled is not None:
-            outputs += self._process_samples(step.sampling_spans, sampled)
+            outputs += self._process_samples(step.sampling_spans, sampled, prompt)
+        for span in step.spans:
+            req = span.req
+            if span.ends_without_sample and not req.finished:  # max_new_tokens=0: the prompt was all
+                self._finish(req, FinishReason.of_length(0))
+                outputs.append(self._output(req, [], [], [], *prompt.pop(req, ([], []))))
+        # Prompt chunks (and waiting n > 1 samples) that reported prompt logprobs and nothing else.
+        outputs += [self._output(req, [], [], [], lps, tops) for req, (lps, tops) in prompt.items()]
         return outputs
 
-    def _process_samples(self, spans: list[Span], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _prompt_logprobs(self, spans: list[Span], fwd: ForwardOutput) -> dict[Request, tuple[list, list]]:
+        """The step's prompt logprobs per request: (values, top alternatives per value)."""
+        if fwd.prompt_logprobs is None:
+            return {}
+        lps = fwd.prompt_logprobs.tolist()
+        top_ids = fwd.prompt_top_ids.tolist() if fwd.prompt_top_ids is not None else None
+        top_vals = fwd.prompt_top_vals.tolist() if fwd.prompt_top_vals is not None else None
+        out: dict[Request, tuple[list, list]] = {}
+        at = 0
+        for span in spans:  # the scored rows come in span order
+            n = span.num_scored
+            if not n:
+                continue
+            req = span.req
+            k = req.top_logprobs_num
+            tops = []
+            if k and top_ids is not None and top_vals is not None:
+                tops = [list(zip(top_ids[i][:k], top_vals[i][:k])) for i in range(at, at + n)]
+            entry = (lps[at : at + n], tops)
+            out[req] = entry
+            for f in req.followers:
+                # Waiting (so not in this step) with every earlier position reported: the leader's values
+                # are its values; it need not compute the prompt again.
+                if f.status is RequestStatus.WAITING and f.next_logprob_pos == span.scored_from:
+                    f.next_logprob_pos = span.scored_from + n
+                    out[f] = entry
+            at += n
+        return out
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.finish(reason)
+        self.scheduler.finish(req)
+        self._requests.pop(req.rid, None)
+        self.total_prompt_tokens += req.num_prompt_tokens
+        self.total_cached_tokens += req.cached_tokens
+
+    def _process_samples(
+        self, spans: list[Span], sampled: SamplerOutput, prompt: dict[Request, tuple[list, list]]
+    ) -> list[RequestOutput]:
         tokens = sampled.next_token_ids.tolist()
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_ids = sampled.top_logprobs_ids.tolist() if sampled.top_logprobs_ids is not None else None
@@ -147,12 +223,8 @@ class EngineCore:
                     new_top = [list(zip(top_ids[i][:k], top_vals[i][:k]))]
             reason = self.stop_checker.check(req, context)
             if reason is not None:
-                req.finish(reason)
-                self.scheduler.finish(req)
-                self._requests.pop(req.rid, None)
-                self.total_prompt_tokens += req.num_prompt_tokens
-                self.total_cached_tokens += req.cached_tokens
-            outputs.append(self._output(req, [tokens[i]], new_lp, new_top))
+                self._finish(req, reason)
+            outputs.append(self._output(req, [tokens[i]], new_lp, new_top, *prompt.pop(req, ([], []))))
         return outputs
 
     def _drain_scheduler_aborts(self) -> list[RequestOutput]:
@@ -163,7 +235,7 @@ class EngineCore:
         return outs
 
     @staticmethod
-    def _output(req: Request, new_ids, new_lp, new_top) -> RequestOutput:
+    def _output(req: Request, new_ids, new_lp, new_top, input_lp=(), input_top=()) -> RequestOutput:
         return RequestOutput(
             rid=req.rid,
             new_token_ids=new_ids,
@@ -173,6 +245,8 @@ class EngineCore:
             cached_tokens=req.cached_tokens,
             new_logprobs=new_lp,
             new_top_logprobs=new_top,
+            new_input_logprobs=list(input_lp),
+            new_input_top_logprobs=list(input_top),
         )
 
     # ---- management ----------------------------------------------------------------------------
@@ -201,6 +275,8 @@ class EngineCore:
             "num_steps": self.num_steps,
             "num_tokens_computed": self.num_tokens_computed,
             "cache_hit_rate": self.total_cached_tokens / max(1, self.total_prompt_tokens),
+            "total_prompt_tokens": self.total_prompt_tokens,
+            "total_cached_tokens": self.total_cached_tokens,
         }
 
     def check(self) -> None:

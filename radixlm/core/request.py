@@ -12,7 +12,7 @@ the prompt is in the prefix cache and then reuse it (Scheduler._ready).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from radixlm.kv.kv_manager import KVState
 from radixlm.messages import FinishReason
@@ -35,6 +35,12 @@ class Request:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     leader: Request | None = None  # the group member that computes the shared prompt (None: itself)
+    followers: list[Request] = field(default_factory=list, repr=False)  # a leader's other samples
+    # Prompt logprobs (SGLang's logprob_start_len k; -1: none): the logits at prompt position p score
+    # token p + 1, for p in [max(k - 1, 0), num_prompt_tokens - 2]. next_logprob_pos is the next such p
+    # not yet reported; it only grows, so a retraction never reports a position twice.
+    logprob_start_len: int = -1
+    next_logprob_pos: int = -1  # set in __post_init__
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     kv: KVState | None = None  # while RUNNING
@@ -42,6 +48,21 @@ class Request:
     cached_tokens: int = 0  # prefix-cache hit at first admission
     finish_reason: FinishReason | None = None
     num_retractions: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.logprob_start_len
+        self.next_logprob_pos = max(k - 1, 0) if k >= 0 else self.num_prompt_tokens - 1
+
+    @property
+    def logprob_end(self) -> int:
+        """One past the last prompt position whose logits are scored (the last prompt token's logits
+        sample the first output token instead)."""
+        return self.num_prompt_tokens - 1
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Some prompt position still has to be scored."""
+        return self.next_logprob_pos < self.logprob_end
 
     @property
     def num_tokens(self) -> int:

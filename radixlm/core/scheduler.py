@@ -8,6 +8,8 @@ Per step, in this order:
      retracted (its computed KV goes to the prefix cache) and resumes later.
   2. waiting requests, in policy order, while the request, token and memory budgets allow. A prefix-cache
      hit is locked and skipped: the span starts at the match and the match costs no prefill budget.
+     A request that still has prompt positions to score (prompt logprobs) uses the cache only up to the
+     first of them: their logits must be computed.
      The later samples of an n > 1 group wait until their leader's prompt is cached, then reuse it; a
      request that shares a long not-yet-cached prefix with a prompt being computed in this wave waits for
      it the same way, instead of computing the same prefix twice in parallel.
@@ -36,10 +38,23 @@ class Span:
     start: int  # == req.num_computed_tokens when scheduled
     length: int
     slots: list[int]  # KV slots for the new tokens
+    # Prompt logprobs: positions scored_from .. scored_from + num_scored - 1 are scored in this span.
+    scored_from: int = 0
+    num_scored: int = 0
+
+    @property
+    def reaches_end(self) -> bool:
+        return self.start + self.length == self.req.num_tokens
 
     @property
     def samples(self) -> bool:
-        return self.start + self.length == self.req.num_tokens
+        # max_new_tokens=0 (a prompt computed only for its logprobs or its cache): nothing is sampled.
+        return self.reaches_end and self.req.params.max_new_tokens > 0
+
+    @property
+    def ends_without_sample(self) -> bool:
+        """The span completes a request that wants no output token: the core finishes it after commit."""
+        return self.reaches_end and self.req.params.max_new_tokens == 0
 
 
 @dataclass
@@ -178,7 +193,9 @@ class Scheduler:
                 break
             if not self._leader_ready(req):
                 continue
-            match = self.kv.match(req.token_ids[:-1])
+            # Always compute at least the last token (its logits sample), and every position still to score.
+            cap = min(req.num_tokens - 1, req.next_logprob_pos) if req.scores_prompt else req.num_tokens - 1
+            match = self.kv.match(req.token_ids[:cap])
             if req.leader is None and self._shares_prefix_in_progress(req, match.length, in_progress):
                 continue
             n = budget.span_for(req.num_tokens - match.length)
@@ -236,9 +253,11 @@ class Scheduler:
         for s in spans:
             req = s.req
             samples = s.samples
-            inputs.append(
-                SpanInput(req.kv.row, s.start, req.token_ids[s.start : s.start + s.length], s.slots, samples)
-            )
+            new_ids = req.token_ids[s.start : s.start + s.length]
+            span_input = SpanInput(req.kv.row, s.start, new_ids, s.slots, samples)
+            if req.scores_prompt:
+                _score_prompt(s, span_input)
+            inputs.append(span_input)
             if samples:
                 sampling.append(_sampling_input(req))
         return StepInput(inputs, self.kv.take_table_writes(), sampling)
@@ -267,6 +286,8 @@ class Scheduler:
             # prompt goes to the cache; a decode (1 token that samples) waits for the request's release.
             cache_it = span.length > 1 or not span.samples
             req.num_computed_tokens += span.length
+            if span.num_scored:
+                req.next_logprob_pos = span.scored_from + span.num_scored
             if cache_it and not req.finished:
                 self.kv.cache_computed(req.kv, req.token_ids[: req.num_computed_tokens])
 
@@ -285,6 +306,24 @@ class Scheduler:
                 raise AssertionError(
                     f"request {req.rid}: {n} slots for {req.num_computed_tokens} computed tokens"
                 )
+            if req.next_logprob_pos < min(req.num_computed_tokens, req.logprob_end):
+                raise AssertionError(
+                    f"request {req.rid}: prompt position {req.next_logprob_pos} computed but never scored"
+                )
+
+
+def _score_prompt(span: Span, span_input: SpanInput) -> None:
+    """Mark the span's rows whose prompt logprobs are still due: positions from the request's next one to
+    score (never before the span) to the end of the span or of the scored range."""
+    req = span.req
+    lo = max(span.start, req.next_logprob_pos)
+    hi = min(span.start + span.length, req.logprob_end)
+    if lo >= hi:
+        return
+    span.scored_from, span.num_scored = lo, hi - lo
+    span_input.logprob_offset = lo - span.start
+    span_input.logprob_targets = req.token_ids[lo + 1 : hi + 1]
+    span_input.logprob_top = req.top_logprobs_num
 
 
 def _sampling_input(req: Request) -> SamplingInput:

@@ -138,12 +138,24 @@ def _receive(sock: zmq.Socket, block: bool) -> list[Any]:
     """Block only when the core is idle; otherwise take whatever is already queued, without waiting."""
     msgs = []
     if block:
-        msgs.append(decode(sock.recv()))
+        _decode_into(msgs, sock.recv())
     while True:
         try:
-            msgs.append(decode(sock.recv(zmq.NOBLOCK)))
+            data = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return msgs
+        _decode_into(msgs, data)
+
+
+def _decode_into(msgs: list[Any], data: bytes) -> None:
+    # Anything the user can run may write to the socket: a message that does not decode is dropped and
+    # logged, never allowed to take the engine (and every other request) down.
+    try:
+        msgs.append(decode(data))
+    except Exception as exc:
+        logger.error(
+            "engine core: dropping a malformed message (%d bytes): %s: %s", len(data), type(exc).__name__, exc
+        )
 
 
 def _startup_failure(exc: BaseException) -> CoreFailed:

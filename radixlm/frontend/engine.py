@@ -4,6 +4,7 @@
     llm.generate(["The capital of France is"], {"max_new_tokens": 20})   # list in, list of dicts out
     for chunk in llm.generate(prompt="Hi", sampling_params={...}, stream=True): ...
     await llm.async_generate(input_ids=[1, 2, 3], sampling_params={...})
+    llm.chat([{"role": "user", "content": "Hi"}], {...})   # one conversation (or a list of them)
 
 The front runs a private asyncio loop on a thread for the sync calls; async calls run on the caller's loop.
 What a call was given is checked and grouped in `inputs.py` (one AddRequest per prompt, carrying its n
@@ -14,6 +15,7 @@ samples); outputs are detokenized on the core client's thread and handed to each
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +24,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from radixlm.config import EngineConfig
-from radixlm.frontend.inputs import PreparedCall, prepare_call
+from radixlm.frontend.generation_defaults import read_sampling_defaults, with_defaults
+from radixlm.frontend.inputs import PreparedCall, chat_conversations, prepare_call
 from radixlm.frontend.outputs import CallOutputs, CallSink, OutputProcessor, RequestState
 from radixlm.frontend.tokenizer_manager import DetokState, TokenizerManager
 from radixlm.messages import (
@@ -59,6 +62,12 @@ class Engine:
                 chat_template=self.config.chat_template,
                 trust_remote_code=self.config.trust_remote_code,
             )
+            # What generation_config.json sets (temperature, top_p, ...), for requests that leave it unset.
+            self.sampling_defaults: dict[str, Any] = (
+                read_sampling_defaults(self.model_info["model_path"])
+                if self.config.generation_config == "auto"
+                else {}
+            )
         except Exception:
             self._client.shutdown()  # do not leave a core running for an Engine that never existed
             raise
@@ -78,13 +87,11 @@ class Engine:
         )
 
     def _make_client(self):
-        if self.config.inline_core:
-            from radixlm.frontend.core_client import InlineCoreClient
+        if self.config.dp_size > 1:
+            from radixlm.frontend.router import DataParallelRouter
 
-            return InlineCoreClient(self.config, self._on_core_message)
-        from radixlm.frontend.core_process import ProcessCoreClient
-
-        return ProcessCoreClient(self.config, self._on_core_message)
+            return DataParallelRouter(self.config, self._on_core_message, _core_client)
+        return _core_client(self.config, self._on_core_message)
 
     def is_alive(self) -> bool:
         """False once shut down, or once the core process exited (killed, crashed) on its own."""
@@ -105,11 +112,19 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         rid: str | list[str] | None = None,
+        logprob_start_len: int = -1,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """A single prompt returns a dict, a list returns a list; stream=True returns an iterator of dicts."""
         self._check_alive()  # before touching the private loop, which is closed after shutdown()
         coro = self.async_generate(
-            prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num, rid
+            prompt,
+            sampling_params,
+            input_ids,
+            stream,
+            return_logprob,
+            top_logprobs_num,
+            rid,
+            logprob_start_len,
         )
         result = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         if stream:
@@ -125,8 +140,13 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         rid: str | list[str] | None = None,
+        logprob_start_len: int = -1,
     ) -> Any:
-        """`rid` names the requests (meta_info["id"]) so that `abort_request(rid)` can target them: a string
+        """`logprob_start_len` k >= 0 (with return_logprob): meta_info also carries `input_token_logprobs`,
+        [logprob, token id, None] for prompt positions k..len-1 (logprob None at position 0), and
+        `input_top_logprobs` with top_logprobs_num > 0 (SGLang's). -1: none.
+
+        `rid` names the requests (meta_info["id"]) so that `abort_request(rid)` can target them: a string
         when there is one request, else a list with one id per prompt and sample (prompt-major: with n=2,
         [p0 s0, p0 s1, p1 s0, ...]). None: fresh random ids.
 
@@ -135,16 +155,25 @@ class Engine:
         self._check_alive()
         outputs = self._outputs
         assert outputs is not None  # set before the Engine is returned to anyone
-        call = prepare_call(
+        prepare = functools.partial(
+            prepare_call,
             prompt,
             input_ids,
-            sampling_params,
+            with_defaults(sampling_params, self.sampling_defaults),
             rid,
             return_logprob,
             top_logprobs_num,
             encode=self.tokenizer_manager.encode,
             model_info=self.model_info,
             in_use=outputs.in_use,
+            max_n=self.config.max_n,
+            max_chars_per_token=self.tokenizer_manager.max_chars_per_token,
+            logprob_start_len=logprob_start_len,
+        )
+        # Text is tokenized on a worker thread: a long prompt takes seconds, and the caller's loop (the
+        # server's) must keep answering meanwhile. Token ids need no tokenizer and stay here.
+        call = (
+            prepare() if prompt is None else await asyncio.get_running_loop().run_in_executor(None, prepare)
         )
         gen = self._run(call, stream)
         if stream:
@@ -157,6 +186,60 @@ class Engine:
                 bar.update(1)
         ordered = [results[r] for r in rids]
         return ordered[0] if call.single else ordered
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: dict[str, Any] | SamplingParams | list | None = None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """`generate` over conversations, with the chat template applied (the tokenizer's, or
+        --chat-template). One conversation (a list of {"role", "content"} dicts) returns a dict, a list of
+        conversations a list, in order; stream=True an iterator of chunks, as `generate` does.
+        `chat_template_kwargs`: extra template variables (e.g. {"enable_thinking": False})."""
+        self._check_alive()
+        coro = self.async_chat(
+            messages, sampling_params, stream, return_logprob, top_logprobs_num, rid, chat_template_kwargs
+        )
+        result = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if stream:
+            return self._iterate_sync(result)
+        return result
+
+    async def async_chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: dict[str, Any] | SamplingParams | list | None = None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        rid: str | list[str] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """The async form of `chat`."""
+        self._check_alive()
+        conversations, single = chat_conversations(messages)
+
+        def render() -> list[list[int]]:
+            return [
+                self.tokenizer_manager.apply_chat_template(c, template_kwargs=chat_template_kwargs)
+                for c in conversations
+            ]
+
+        # Rendering and encoding are tokenizer work: a worker thread, so the caller's loop keeps running.
+        ids = await asyncio.get_running_loop().run_in_executor(None, render)
+        return await self.async_generate(
+            input_ids=ids[0] if single else ids,
+            sampling_params=sampling_params,
+            stream=stream,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+            rid=rid,
+        )
 
     def get_model_info(self) -> dict[str, Any]:
         return {
@@ -225,7 +308,17 @@ class Engine:
             raise ValueError(f"request id(s) {taken} are already in use")
         sink = CallSink(asyncio.get_running_loop())
         outputs.register(
-            RequestState(r, g.index, stream, sink, DetokState(g.params), len(g.input_ids))
+            RequestState(
+                r,
+                g.index,
+                stream,
+                sink,
+                DetokState(g.params),
+                len(g.input_ids),
+                input_ids=g.input_ids,
+                logprob_start_len=call.logprob_start_len,
+                top_logprobs_num=call.top_logprobs_num,
+            )
             for g in call.groups
             for r in g.rids
         )
@@ -235,7 +328,12 @@ class Engine:
             for g in call.groups:
                 self._client.send(
                     AddRequest(
-                        g.rids, g.input_ids, g.params.to_dict(), call.return_logprob, call.top_logprobs_num
+                        g.rids,
+                        g.input_ids,
+                        g.params.to_dict(),
+                        call.return_logprob,
+                        call.top_logprobs_num,
+                        call.logprob_start_len,
                     )
                 )
             while unfinished:
@@ -275,6 +373,17 @@ class Engine:
                     return
         finally:
             asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+
+def _core_client(config: EngineConfig, on_message):
+    """One core: on a thread of this process (inline_core) or in its own process (the default)."""
+    if config.inline_core:
+        from radixlm.frontend.core_client import InlineCoreClient
+
+        return InlineCoreClient(config, on_message)
+    from radixlm.frontend.core_process import ProcessCoreClient
+
+    return ProcessCoreClient(config, on_message)
 
 
 def _setup_logging(level: str) -> None:

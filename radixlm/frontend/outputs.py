@@ -58,6 +58,10 @@ class Update:
     top_logprobs: list[list[list[Any]]]  # per id, [[logprob, token_id, None], ...]
     meta: dict[str, Any]  # meta_info without the logprob lists
     finished: bool
+    # Prompt logprobs since the previous update, [logprob, token_id, None] per prompt position (SGLang's
+    # input_token_logprobs; position 0 has logprob None), and their top alternatives (None at position 0).
+    input_logprobs: list[list[Any]] = field(default_factory=list)
+    input_top_logprobs: list[list[list[Any]] | None] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -75,6 +79,21 @@ class RequestState:
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[list[Any]] = field(default_factory=list)
     pending_top: list[list[list[Any]]] = field(default_factory=list)
+    # Prompt logprobs (logprob_start_len >= 0): the prompt names each entry's token.
+    input_ids: list[int] = field(default_factory=list)
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    pending_input: list[list[Any]] = field(default_factory=list)
+    pending_input_top: list[list[list[Any]] | None] = field(default_factory=list)
+    _next_input: int = 0  # the prompt position of the next prompt logprob the core sends
+
+    def __post_init__(self) -> None:
+        k = self.logprob_start_len
+        if k == 0:  # the first token has nothing before it: SGLang reports it with a None logprob
+            self.pending_input.append([None, self.input_ids[0], None])
+            if self.top_logprobs_num:
+                self.pending_input_top.append(None)
+        self._next_input = max(k, 1)
 
     @property
     def output_ids(self) -> list[int]:
@@ -90,6 +109,11 @@ class RequestState:
                 self.pending_logprobs.append([out.new_logprobs[i], tid, None])
             if i < len(out.new_top_logprobs):
                 self.pending_top.append([[lp, t, None] for t, lp in out.new_top_logprobs[i]])
+        for i, lp in enumerate(out.new_input_logprobs):
+            self.pending_input.append([lp, self.input_ids[self._next_input], None])
+            self._next_input += 1
+            if i < len(out.new_input_top_logprobs):
+                self.pending_input_top.append([[v, t, None] for t, v in out.new_input_top_logprobs[i]])
         self.finished = out.finished
 
     def reason(self) -> dict[str, Any] | None:
@@ -115,8 +139,11 @@ class RequestState:
             self.pending_top,
             meta,
             self.finished,
+            self.pending_input,
+            self.pending_input_top,
         )
         self.pending_ids, self.pending_logprobs, self.pending_top = [], [], []
+        self.pending_input, self.pending_input_top = [], []
         return update
 
 
@@ -200,13 +227,21 @@ class CallOutputs:
 
     def __init__(self, return_logprob: bool) -> None:
         self.return_logprob = return_logprob
-        self._logprobs: dict[str, tuple[list, list]] = {}
+        self._logprobs: dict[str, tuple[list, list, list, list]] = {}
 
     def to_dict(self, u: Update) -> dict[str, Any]:
         meta = u.meta
         if self.return_logprob:
-            lps, tops = self._logprobs.setdefault(u.rid, ([], []))
+            lps, tops, in_lps, in_tops = self._logprobs.setdefault(u.rid, ([], [], [], []))
             lps.extend(u.logprobs)
             tops.extend(u.top_logprobs)
-            meta = {**meta, "output_token_logprobs": lps, "output_top_logprobs": tops}
+            in_lps.extend(u.input_logprobs)
+            in_tops.extend(u.input_top_logprobs)
+            meta = {
+                **meta,
+                "output_token_logprobs": lps,
+                "output_top_logprobs": tops,
+                "input_token_logprobs": in_lps,
+                "input_top_logprobs": in_tops,
+            }
         return {"text": u.text, "output_ids": u.output_ids, "meta_info": meta, "index": u.index}

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from radixlm.frontend.chat_templates import builtin_chat_template, builtin_names
 from radixlm.sampling_params import SamplingParams
 
 # Decoding a few tokens before the unread ones keeps word boundaries (leading spaces) right.
@@ -219,18 +220,31 @@ class TokenizerManager:
         )
         self.chat_template = _read_chat_template(chat_template)
         self.detokenizer = BatchDetokenizer(self.tokenizer)
+        self.max_chars_per_token = _max_chars_per_token(self.tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
+        """`template_kwargs`: extra variables for the template (vLLM's chat_template_kwargs)."""
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
-            raise ValueError("this tokenizer has no chat template; pass one with --chat-template")
+            raise ValueError(
+                "this tokenizer has no chat template; pass one with --chat-template (a file, a Jinja "
+                f"template, or a built-in name: {', '.join(builtin_names())})"
+            )
         text = self.tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
         )
         # The template already wrote any BOS it wants; encoding must not add a second one.
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -244,12 +258,30 @@ class TokenizerManager:
         return self.detokenizer.decode_batch([[int(t)] for t in token_ids], skip_special_tokens=False)
 
 
+def _max_chars_per_token(tokenizer: Any) -> int:
+    """An upper bound on the characters one token covers, for refusing a far too long text before
+    tokenizing it (frontend/inputs.check_prompt_chars).
+
+    A vocabulary entry's spelling has at least as many characters as the text it decodes to (byte-level
+    BPE spells each byte as one character; SentencePiece spells a space as one "▁"). A normalizer can
+    shrink the text first (NFC composes at most 4 code points into one, e.g. U+1FA2), hence 4x the longest
+    entry. (A normalizer that deletes characters outright could beat the bound; no common one does.)"""
+    return 4 * max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
 def _read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file holding a template, a built-in template's name, or a Jinja template."""
     if value is None:
         return None
     path = Path(value)
     if "{" not in value and path.is_file():
         return path.read_text()
+    builtin = builtin_chat_template(value)
+    if builtin is not None:
+        return builtin
     if "{" not in value:
-        raise ValueError(f"chat_template {value!r} is neither a Jinja template nor an existing file")
+        raise ValueError(
+            f"chat_template {value!r} is neither a Jinja template, an existing file, nor a built-in "
+            f"template name ({', '.join(builtin_names())})"
+        )
     return value

@@ -174,6 +174,17 @@ def default_mem_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def total_mem_bytes(device: torch.device) -> int | None:
+    """The device's total memory (RAM on CPU), for --mem-fraction-static; None where it is unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    if os.path.exists("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def eos_token_ids(model_path: Path) -> list[int]:
     """The model's end-of-sequence ids: generation_config.json's and config.json's, merged."""
     ids: set[int] = set()

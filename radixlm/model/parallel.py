@@ -108,40 +108,78 @@ def agreement_check_enabled() -> bool:
     return os.environ.get(AGREEMENT_ENV) == "1"
 
 
+def node_ranks(config: EngineConfig, node: int) -> range:
+    """The tensor-parallel ranks a node runs: tp_size / nnodes consecutive ones."""
+    per = config.tp_size // config.nnodes
+    return range(node * per, (node + 1) * per)
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host, int(port)
+
+
+def remote_step_address(config: EngineConfig, rank: int) -> str:
+    """Where a rank on another node receives its steps: node 0's host, the rendezvous port + rank."""
+    assert config.dist_init_addr is not None
+    host, port = _split_addr(config.dist_init_addr)
+    return f"tcp://{host}:{port + rank}"
+
+
+def _spawn_ranks(config: EngineConfig, ranks: range | list[int], init_method: str, address) -> list:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs torch's thread pools
+    procs = [
+        ctx.Process(
+            target=run_tp_worker,
+            args=(config, rank, init_method, address(rank), os.getpid()),
+            name=f"radixlm-tp{rank}",
+            daemon=True,
+        )
+        for rank in ranks
+    ]
+    for p in procs:
+        p.start()
+    return procs
+
+
 class TPLeader:
-    """Rank 0's side: starts ranks 1..N-1, joins the process group with them, sends each step."""
+    """Rank 0's side: starts this node's ranks 1..k-1, joins the process group with every rank (on other
+    nodes too), sends each step."""
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         import zmq
 
         self.size = config.tp_size
         self._dir = tempfile.mkdtemp(prefix="radixlm-tp-")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs torch's thread pools
-        self._procs = [
-            ctx.Process(
-                target=run_tp_worker,
-                args=(config, rank, init_method, self._socket(rank), os.getpid()),
-                name=f"radixlm-tp{rank}",
-                daemon=True,
-            )
-            for rank in range(1, self.size)
-        ]
-        for p in self._procs:
-            p.start()
+        local = list(node_ranks(config, 0))[1:]
+        multi_node = config.nnodes > 1
+        init_method = f"tcp://{config.dist_init_addr}" if multi_node else f"tcp://127.0.0.1:{_free_port()}"
+        self._procs = _spawn_ranks(config, local, init_method, self._local_socket)
         self._zmq = zmq.Context()
         self._socks = []
         for rank in range(1, self.size):
             sock = self._zmq.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(self._socket(rank))
+            if rank in local:
+                sock.bind(self._local_socket(rank))
+            else:  # a rank on another node connects to node 0 over TCP
+                _, port = _split_addr(remote_step_address(config, rank).removeprefix("tcp://"))
+                sock.bind(f"tcp://*:{port}")
             self._socks.append(sock)
-        logger.info("tensor parallel: %d ranks (%s), rendezvous %s", self.size, backend_for(device), init_method)
+        logger.info(
+            "tensor parallel: %d ranks on %d node(s) (%s), rendezvous %s",
+            self.size, config.nnodes, backend_for(device), init_method,
+        )  # fmt: skip
         init_group(0, self.size, init_method, device)  # returns once every rank has joined
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._socks, self._zmq, self._dir)
 
-    def _socket(self, rank: int) -> str:
+    def _local_socket(self, rank: int) -> str:
         return f"ipc://{os.path.join(self._dir, f'rank{rank}')}"
+
+    @property
+    def pids(self) -> list[int]:
+        """This node's other ranks' process ids (for operators and tests)."""
+        return [p.pid for p in self._procs if p.pid is not None]
 
     def check_alive(self) -> None:
         dead = [(p.name, p.exitcode) for p in self._procs if p.exitcode is not None]
@@ -183,6 +221,28 @@ def _stop_workers(procs: list, socks: list, ctx: Any, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def run_follower_node(config: EngineConfig) -> int:
+    """A node other than 0 (`--node-rank K`): run its ranks until they end; no scheduler, no server."""
+    if config.nnodes < 2 or not 0 < config.node_rank < config.nnodes:
+        raise ValueError(f"node_rank {config.node_rank} of nnodes {config.nnodes} is not a follower node")
+    ranks = node_ranks(config, config.node_rank)
+    procs = _spawn_ranks(
+        config, ranks, f"tcp://{config.dist_init_addr}", lambda r: remote_step_address(config, r)
+    )
+    logger.info("node %d: tensor-parallel ranks %s started", config.node_rank, list(ranks))
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=_JOIN_TIMEOUT_S)
+    return max((p.exitcode or 0) for p in procs) if procs else 0
+
+
 def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: str, parent_pid: int) -> None:
     """Ranks 1..N-1: load this rank's shard, then run every step rank 0 sends until told to stop."""
     import zmq
@@ -209,9 +269,9 @@ def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: st
                 runner.allocate_kv(RuntimeConfig(**payload["runtime"]), payload["rows"])
             elif kind == _STEP:
                 step = step_from_wire(payload)
-                logits = runner.forward(step)
+                out = runner.forward(step)  # its prompt logprobs are rank 0's to report; ignored here
                 if step.sampling:
-                    runner.sample(logits, step)
+                    runner.sample(out.logits, step)
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -16,6 +16,7 @@ from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
 from radixlm.model import loader, parallel
 from radixlm.model.forward_batch import ForwardBatch
+from radixlm.model.prompt_logprobs import ForwardOutput, score_prompt
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
 from radixlm.model.sampler import Sampler, SamplerOutput, SamplingBatch
 from radixlm.model.step_input import StepInput
@@ -42,11 +43,19 @@ class ModelRunner:
         step; those ranks are built by parallel.run_tp_worker with their tp_rank and the rendezvous."""
         self.config = config
         self.tp_rank, self.tp_size = tp_rank, config.tp_size
-        self.device = parallel.rank_device(loader.resolve_device(config.device), tp_rank)
+        local_rank = tp_rank % (config.tp_size // config.nnodes)  # this rank's GPU on its node
+        self.device = parallel.rank_device(loader.resolve_device(config.device), local_rank)
         self.tp_leader: parallel.TPLeader | None = None
         self.tp_check_agreement = self.tp_size > 1 and parallel.agreement_check_enabled()
         if self.tp_size > 1:
             self._join_tp_group(init_method)
+        try:
+            self._load(config)
+        except BaseException:
+            self.close()  # a failed start must not leave ranks or a process group behind
+            raise
+
+    def _load(self, config: EngineConfig) -> None:
         self.model_path: Path = loader.resolve_model_path(config.model_path, config.revision)
         self.hf_config = loader.load_config(
             self.model_path, trust_remote_code=config.trust_remote_code, revision=config.revision
@@ -87,12 +96,6 @@ class ModelRunner:
             with loader.params_on_meta():
                 model = cls(self.text_config, tp_rank=self.tp_rank, tp_size=self.tp_size)
             loader.materialize_params(model, self.device, self.dtype)
-        elif self.tp_size > 1:
-            raise ValueError(
-                f"tp_size {self.tp_size}: {self.choice.architecture} runs through the Transformers backend "
-                "(no native implementation), and tensor parallelism covers native implementations only "
-                "so far: use tp_size 1"
-            )
         else:
             from radixlm.model.transformers_backend import TransformersCausalLM
 
@@ -101,6 +104,8 @@ class ModelRunner:
                 self.model_path,
                 trust_remote_code=self.config.trust_remote_code,
                 dtype=self.dtype,
+                tp_rank=self.tp_rank,
+                tp_size=self.tp_size,
             )
         loaded = model.load_weights(
             (name, t.to(self.dtype) if t.is_floating_point() else t)
@@ -134,6 +139,7 @@ class ModelRunner:
             model_context_length=int(context) if context else None,
             kv_bytes_per_token=KVPool.bytes_per_token(layers, kv_heads, head_dim, None, self.dtype),
             free_memory_bytes=loader.default_mem_bytes(self.device),
+            total_memory_bytes=loader.total_mem_bytes(self.device),
         )
 
     def allocate_kv(self, runtime: RuntimeConfig, num_rows: int) -> None:
@@ -178,6 +184,7 @@ class ModelRunner:
                 **self.runtime.as_dict(),
                 "tp_size": self.tp_size,
                 "param_bytes_per_rank": list(self.rank_param_bytes),
+                "tp_worker_pids": self.tp_leader.pids if self.tp_leader is not None else [],
             },
         )
 
@@ -195,13 +202,21 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits [S, V] for the spans that sample, in span order."""
+    def forward(self, step: StepInput) -> ForwardOutput:
+        """Logits [S, V] for the spans that sample, in span order; and the prompt logprobs of the rows the
+        spans mark for scoring (prompt_logprobs.py)."""
         if self.tp_leader is not None:
             self.tp_leader.send_step(step)  # the other ranks run the same step on their shards
         fb = self.build_forward_batch(step)
         hidden = self.model(fb.input_ids, fb.positions, fb)
-        return self.model.compute_logits(hidden if fb.samples_every_token else hidden[fb.sample_indices])
+        out = ForwardOutput(
+            self.model.compute_logits(hidden if fb.samples_every_token else hidden[fb.sample_indices])
+        )
+        if step.scores_prompt:
+            out.prompt_logprobs, out.prompt_top_ids, out.prompt_top_vals = score_prompt(
+                self.model.compute_logits, hidden, step
+            )
+        return out
 
     def build_sampling_batch(self, step: StepInput, vocab_size: int) -> SamplingBatch:
         s = step.sampling

@@ -6,6 +6,7 @@ Pipeline, in the order of transformers' logits processors:
 
     raw logits ──> log-softmax (only if logprobs are asked for; "raw" like vLLM's default)
         │
+        ├─ logit_bias           (OpenAI's: + bias at the listed tokens)
         ├─ repetition penalty   (prompt + output tokens, transformers semantics)
         ├─ frequency / presence (output tokens, OpenAI semantics)
         ├─ min_new_tokens ban   (-inf on eos + stop_token_ids)
@@ -130,6 +131,9 @@ class SamplingBatch:
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
+    # logit_bias: flat indices row * V + token and the value added there; None when no row has one.
+    bias_index: torch.Tensor | None = None  # [N] int64, unique
+    bias_values: torch.Tensor | None = None  # [N] float32
 
     @property
     def need_penalties(self) -> bool:
@@ -142,7 +146,7 @@ class SamplingBatch:
     @property
     def need_logit_processing(self) -> bool:
         """Whether ``apply_penalties`` changes anything."""
-        return self.penalties is not None or self.ban_rows is not None
+        return self.penalties is not None or self.ban_rows is not None or self.bias_index is not None
 
     @classmethod
     def build(
@@ -227,7 +231,26 @@ class SamplingBatch:
             need_top_k=need_top_k,
             need_top_p=need_top_p,
             need_min_p=need_min_p,
+            **_build_bias(params, vocab_size, device),
         )
+
+
+def _build_bias(
+    params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+) -> dict[str, torch.Tensor | None]:
+    index: list[int] = []
+    values: list[float] = []
+    for i, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            if 0 <= token < vocab_size:  # the front refuses others; an id past the LM head cannot be sampled
+                index.append(i * vocab_size + token)
+                values.append(bias)
+    if not index:
+        return {"bias_index": None, "bias_values": None}
+    return {
+        "bias_index": torch.tensor(index, dtype=torch.int64).to(device),
+        "bias_values": torch.tensor(values, dtype=torch.float32).to(device),
+    }
 
 
 def _flat_token_index(
@@ -314,12 +337,15 @@ def _build_ban(
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Repetition, frequency and presence penalties, then the min_new_tokens ban, IN PLACE.
+    """logit_bias, then repetition, frequency and presence penalties, then the min_new_tokens ban, IN PLACE
+    (the bias first, as vLLM orders its processors: penalties then see the biased logits).
 
     ``logits`` is a contiguous [B, V] float32 tensor owned by the caller (it is modified). Returns it.
     """
     pen = batch.penalties
     flat = logits.view(-1)
+    if batch.bias_index is not None:
+        flat[batch.bias_index] += batch.bias_values
     if pen is not None:
         if pen.repetition_index is not None:
             # transformers: score < 0 ? score * penalty : score / penalty, once per distinct seen token.
@@ -545,7 +571,7 @@ class Sampler:
             # Of the raw logits: before penalties and temperature, like vLLM's default.
             raw_lp = torch.log_softmax(x, dim=-1)
         if top_logprobs_num > 0:
-            top_ids = _top_ids(x, min(top_logprobs_num, x.shape[1]))
+            top_ids = top_token_ids(x, min(top_logprobs_num, x.shape[1]))
             top_vals = raw_lp.gather(1, top_ids)
 
         if fast:
@@ -601,7 +627,7 @@ class Sampler:
         return next_ids
 
 
-def _top_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+def top_token_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """The k most likely token ids per row, most likely first, ties in id order (so [:, 0] == argmax)."""
     vals, ids = logits.topk(k, dim=-1, sorted=True)
     # topk does not promise an order among equal values; re-sort the k candidates by (value desc, id asc).

@@ -2,7 +2,8 @@
 (the model never sees a Request, DESIGN.md invariant 3), and what rank 0 will broadcast to the other
 tensor-parallel ranks, which is why it holds ints, lists and SamplingParams only.
 
-    spans           one per request in the step: its row, where its new tokens start, the tokens, their slots
+    spans           one per request in the step: its row, where its new tokens start, the tokens, their slots,
+                    and the rows whose prompt logprobs are scored (logprob_offset, logprob_targets)
     table_writes    every slot-table change since the last step, in order (the spans' new slots, prefix hits,
                     rows pointed at the prefix cache's copies): the device table gets them before the forward
     sampling        one per span that samples, in span order
@@ -23,6 +24,12 @@ class SpanInput:
     token_ids: list[int]  # the new tokens computed this step
     slots: list[int]  # the KV slot of each new token
     samples: bool  # the span ends at the end of the sequence: the step samples its next token
+    # Prompt logprobs: the span's tokens logprob_offset, logprob_offset + 1, ... are scored, each against
+    # the prompt token after it (logprob_targets; the last may lie in the next chunk, which the scheduler
+    # knows). Empty: nothing scored. logprob_top: how many top alternatives each scored row reports.
+    logprob_offset: int = 0
+    logprob_targets: list[int] = field(default_factory=list)
+    logprob_top: int = 0
 
     @property
     def length(self) -> int:
@@ -57,6 +64,11 @@ class StepInput:
         return any(s.return_logprob for s in self.sampling)
 
     @property
+    def scores_prompt(self) -> bool:
+        """Some span asks for prompt logprobs."""
+        return any(s.logprob_targets for s in self.spans)
+
+    @property
     def top_logprobs_num(self) -> int:
         return max((s.top_logprobs_num for s in self.sampling if s.return_logprob), default=0)
 
@@ -75,12 +87,30 @@ def _params_to_wire(params: SamplingParams) -> dict:
     d = params.to_dict()
     if d.get("seed") is not None:
         d["seed"] = _int64(d["seed"])
+    # msgpack maps with int keys need strict_map_key=False on the reader; pairs need nothing.
+    d["logit_bias"] = [[t, v] for t, v in d.get("logit_bias", {}).items()]
     return d
+
+
+def _params_from_wire(d: dict) -> SamplingParams:
+    return SamplingParams(**{**d, "logit_bias": {int(t): v for t, v in d.get("logit_bias", [])}})
 
 
 def step_to_wire(step: StepInput) -> list:
     return [
-        [[s.row, s.start, s.token_ids, s.slots, s.samples] for s in step.spans],
+        [
+            [
+                s.row,
+                s.start,
+                s.token_ids,
+                s.slots,
+                s.samples,
+                s.logprob_offset,
+                s.logprob_targets,
+                s.logprob_top,
+            ]
+            for s in step.spans
+        ],
         [[row, start, slots] for row, start, slots in step.table_writes],
         [
             [
@@ -100,10 +130,10 @@ def step_to_wire(step: StepInput) -> list:
 def step_from_wire(data: list) -> StepInput:
     spans, writes, sampling = data
     return StepInput(
-        spans=[SpanInput(row, start, ids, slots, samples) for row, start, ids, slots, samples in spans],
+        spans=[SpanInput(*span) for span in spans],
         table_writes=[(row, start, slots) for row, start, slots in writes],
         sampling=[
-            SamplingInput(SamplingParams(**params), seed, n, prompt, output, lp, top)
+            SamplingInput(_params_from_wire(params), seed, n, prompt, output, lp, top)
             for params, seed, n, prompt, output, lp, top in sampling
         ],
     )

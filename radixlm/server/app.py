@@ -7,12 +7,16 @@
     POST /v1/chat/completions OpenAI chat (chat template; stream with include_usage; n; logprobs)
     POST /generate            SGLang's native route (the Engine's dicts; SSE when streaming)
     GET  /get_model_info      Engine.get_model_info(): architecture, model_impl and the reason for it, ...
+                              (also /model_info, SGLang's newer name)
     GET  /get_server_info     Engine.get_server_info(): KV pool usage, cache size, queue lengths, config
+                              (also /server_info)
+    ...                       /tokenize, /detokenize, /version, /get_load, /load, /ping: utility_routes.py
     POST /flush_cache         empty the prefix cache (refused while requests run)
     POST /abort_request       {"rid": ...}: abort a request by its rid (or its response id)
     GET  /metrics             Prometheus text (with --enable-metrics; 404 without)
 
-With --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`.
+With --api-key, every route but /health and /metrics needs `Authorization: Bearer <key>`; /openapi.json
+is then behind the key too, and /docs and /redoc are off.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from radixlm.config import DEFAULT_MAX_N
 from radixlm.server.errors import APIError, install_error_handlers
 from radixlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from radixlm.server.native import generate
@@ -42,6 +47,7 @@ from radixlm.server.protocol import (
     ModelList,
 )
 from radixlm.server.serving import ServerContext, dead_reason, engine_alive
+from radixlm.server.utility_routes import add_utility_routes
 
 logger = logging.getLogger("radixlm.server")
 
@@ -55,16 +61,23 @@ def create_app(
     api_key: str | None = None,
     enable_metrics: bool = False,
     shutdown_engine: bool = True,
+    strict_model_name: bool = False,
+    metrics_prefixes: tuple[str, ...] = (),
 ) -> FastAPI:
-    """An app over a built Engine. `shutdown_engine`: shut the Engine down when the app stops."""
+    """An app over a built Engine. `shutdown_engine`: shut the Engine down when the app stops.
+    `strict_model_name`: a request naming another model is a 404 (by default any name is served).
+    `metrics_prefixes`: other servers' metric names to export too (e.g. "sglang"), see metrics.py."""
     model_path = str(engine.model_info.get("model_path", "")) if engine is not None else ""
     name = served_model_name or model_path or "radixlm"
     ctx = ServerContext(
         engine=engine,
         served_model_name=name,
         api_key=api_key or None,
-        metrics=ServerMetrics(name) if enable_metrics else None,
+        metrics=ServerMetrics(name, extra_prefixes=metrics_prefixes) if enable_metrics else None,
         model_aliases={model_path} if model_path else set(),
+        max_n=_engine_max_n(engine),
+        strict_model_name=strict_model_name,
+        sampling_defaults=dict(getattr(engine, "sampling_defaults", None) or {}),
     )
 
     @asynccontextmanager
@@ -75,7 +88,16 @@ def create_app(
             logger.info("shutting down the engine")
             await run_in_threadpool(ctx.engine.shutdown)
 
-    app = FastAPI(title="radixlm", lifespan=lifespan)
+    # With --api-key the schema is served behind the key and the HTML docs are off: a browser page
+    # cannot send the key, and an open schema tells anyone what the server accepts.
+    protect_docs = ctx.api_key is not None
+    app = FastAPI(
+        title="radixlm",
+        lifespan=lifespan,
+        openapi_url=None if protect_docs else "/openapi.json",
+        docs_url=None if protect_docs else "/docs",
+        redoc_url=None if protect_docs else "/redoc",
+    )
     app.state.ctx = ctx
     install_error_handlers(app)
 
@@ -146,6 +168,7 @@ def create_app(
         return await generate(ctx, body, request)
 
     @routes.get("/get_model_info")
+    @routes.get("/model_info")
     async def get_model_info() -> JSONResponse:
         engine = ctx.require_engine()
         return JSONResponse(
@@ -157,6 +180,7 @@ def create_app(
         )
 
     @routes.get("/get_server_info")
+    @routes.get("/server_info")
     async def get_server_info() -> JSONResponse:
         engine = ctx.require_engine()
         info = await _engine_call(ctx, engine.get_server_info)
@@ -181,9 +205,24 @@ def create_app(
             engine.abort_request(rid)
         return JSONResponse({"success": True, "rids": rids})
 
+    if protect_docs:
+
+        @routes.get("/openapi.json", include_in_schema=False)
+        async def openapi_schema() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+    async def live_server_info() -> dict[str, Any]:
+        return await _engine_call(ctx, ctx.require_engine().get_server_info)
+
+    add_utility_routes(open_routes, routes, ctx, live_server_info)
     app.include_router(open_routes)
     app.include_router(routes)
     return app
+
+
+def _engine_max_n(engine: Any) -> int:
+    config = getattr(engine, "config", None)
+    return int(getattr(config, "max_n", DEFAULT_MAX_N))
 
 
 def _model_card(ctx: ServerContext) -> ModelCard:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("radixlm.server")
 
@@ -46,14 +47,26 @@ class APIError(Exception):
         self.code = code
 
 
+# Error text echoes the caller's input (a model name, a field name); 1 MB in must not be 1 MB out.
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying so."""
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 40, 0)] + f"... ({len(text) - limit + 40} more characters)"
+
+
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            "message": clip(message, MAX_MESSAGE_CHARS),
             "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-            "param": param,
+            "param": None if param is None else clip(param, MAX_PARAM_CHARS),
             "code": code if code is not None else status,
         }
     }
@@ -71,9 +84,11 @@ def validation_message(
     """pydantic errors -> ("field.path: what is wrong; ...", "field.path" of the first)."""
     parts, first = [], None
     for err in errors[:3]:
-        loc = [str(x) for x in err.get("loc", ()) if str(x) not in strip_prefix]
+        loc = [clip(str(x), 80) for x in err.get("loc", ()) if str(x) not in strip_prefix]
         if err.get("type") == "json_invalid":
             loc = []  # its loc is a character offset, not a field
+        if err.get("type") in ("invalid_text", "empty_prompt", "unsupported_field", "conflicting_fields"):
+            loc += [str(err.get("ctx", {}).get("loc", ""))]  # found by a walk under the model's own loc
         where = ".".join(loc)
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
@@ -109,7 +124,34 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+    # Not `exception_handler(Exception)`: Starlette runs that one outermost and re-raises after answering,
+    # and uvicorn then closes the keep-alive connection, failing the client's next request on it.
+    app.add_middleware(UnexpectedErrorMiddleware)
+
+
+class UnexpectedErrorMiddleware:
+    """A bug under a route answers an OpenAI-style 500 and the connection stays usable. Once a response
+    has started (a stream), its body cannot be fixed: the error propagates and the connection closes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+            await response(scope, receive, send)

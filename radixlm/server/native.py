@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -44,7 +45,9 @@ def _rids(req: GenerateRequest, samples: list[int]) -> tuple[list[str], list[str
 async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Response:
     arrival = time.perf_counter()
     ctx.require_engine()
-    params = req.sampling_params_list()
+    params = req.sampling_params_list(ctx.sampling_defaults)
+    for p in params:
+        ctx.check_n(p.n, "sampling_params.n")
     rids, keys = _rids(req, [p.n for p in params])
     prompt = {"prompt": req.text} if req.text is not None else {"input_ids": req.input_ids}
     stream = await ctx.open_stream(
@@ -53,24 +56,59 @@ async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Re
             "sampling_params": params if isinstance(req.sampling_params, list) else params[0],
             "return_logprob": req.return_logprob,
             "top_logprobs_num": req.top_logprobs_num,
+            "logprob_start_len": req.logprob_start_len,
         },
         rids,
         keys,
         arrival,
     )
     outputs = {rid: Output(rid) for rid in rids}
+    texts = TokenTexts(ctx.engine) if req.return_logprob and req.return_text_in_logprobs else None
     if req.stream:
-        return SSEResponse(sse_body(stream, _events(ctx, stream, outputs, req.return_logprob)))
+        return SSEResponse(sse_body(stream, _events(ctx, stream, outputs, req.return_logprob, texts)))
     if not await collect_unless_disconnected(raw, stream, outputs):
         return Response(status_code=499)
-    results = [outputs[rid].final_dict(req.return_logprob) for rid in rids]
+    results = [_result(outputs[rid], req.return_logprob, texts) for rid in rids]
     for r in results:
         ctx.check_failed(r["meta_info"].get("finish_reason"), len(r["output_ids"]))
     return JSONResponse(results[0] if req.single and len(results) == 1 else results)
 
 
 async def _events(
-    ctx: ServerContext, stream: ChunkStream, outputs: dict[str, Output], return_logprob: bool
+    ctx: ServerContext,
+    stream: ChunkStream,
+    outputs: dict[str, Output],
+    return_logprob: bool,
+    texts: TokenTexts | None,
 ) -> AsyncIterator[bytes]:
     async for out, _ in deltas(ctx, stream, outputs):
-        yield sse_event(out.final_dict(return_logprob))
+        yield sse_event(_result(out, return_logprob, texts))
+
+
+def _result(out: Output, return_logprob: bool, texts: TokenTexts | None) -> dict[str, Any]:
+    result = out.final_dict(return_logprob)
+    if texts is not None:
+        meta = result["meta_info"]
+        meta["output_token_logprobs"] = texts.fill(meta["output_token_logprobs"])
+        meta["output_top_logprobs"] = [texts.fill(row) for row in meta["output_top_logprobs"]]
+        meta["input_token_logprobs"] = texts.fill(meta["input_token_logprobs"])
+        # Position 0 has no alternatives (None), like its logprob.
+        meta["input_top_logprobs"] = [
+            row if row is None else texts.fill(row) for row in meta["input_top_logprobs"]
+        ]
+    return result
+
+
+class TokenTexts:
+    """SGLang's return_text_in_logprobs: each [logprob, token id, None] entry gets its token's text (as
+    the token decodes on its own). Texts are kept by id, so a stream decodes each id once."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._texts: dict[int, str] = {}
+
+    def fill(self, entries: list[list[Any]]) -> list[list[Any]]:
+        new = list(dict.fromkeys(int(e[1]) for e in entries if int(e[1]) not in self._texts))
+        if new:
+            self._texts.update(zip(new, self._engine.tokenizer_manager.token_texts(new)))
+        return [[e[0], e[1], self._texts[int(e[1])]] for e in entries]

@@ -16,7 +16,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
+from radixlm.frontend.inputs import check_prompt_chars
 from radixlm.server.errors import APIError
 from radixlm.server.protocol import (
     ChatChoice,
@@ -35,6 +37,7 @@ from radixlm.server.serving import (
     Output,
     ServerContext,
     SSEResponse,
+    abort_message,
     collect_unless_disconnected,
     deltas,
     engine_rids,
@@ -44,6 +47,7 @@ from radixlm.server.serving import (
     sse_event,
     token_texts,
     usage_of,
+    without_stop_token,
 )
 
 
@@ -51,10 +55,23 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     arrival = time.perf_counter()
     ctx.check_model(req.model)
     engine = ctx.require_engine()
-    params = req.sampling_params(ctx.context_length)
+    params = req.sampling_params(ctx.context_length, ctx.sampling_defaults)
+    ctx.check_n(params.n)
+    messages = req.template_messages()
     try:
-        input_ids = engine.tokenizer_manager.apply_chat_template(req.template_messages())
-    except ValueError as exc:  # no template, or the template rejected the conversation
+        check_prompt_chars(
+            sum(len(m["content"]) for m in messages),
+            engine.model_info,
+            engine.tokenizer_manager.max_chars_per_token,
+        )
+        # Off the event loop: a long conversation takes seconds to render and encode.
+        input_ids = await run_in_threadpool(
+            engine.tokenizer_manager.apply_chat_template,
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            template_kwargs=req.chat_template_kwargs,
+        )
+    except ValueError as exc:  # too long, no template, or the template rejected the conversation
         raise APIError(400, str(exc), param="messages") from exc
     except Exception as exc:  # jinja raises its own errors (raise_exception in templates)
         raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc
@@ -73,7 +90,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         arrival,
     )
     outputs = {rid: Output(rid) for rid in rids}
-    model = req.model or ctx.served_model_name
+    model = ctx.served_model_name  # whatever name the caller used (SGLang reports its own)
     if req.stream:
         return SSEResponse(sse_body(stream, _events(ctx, req, stream, outputs, rids, model, request_id)))
     if not await collect_unless_disconnected(raw, stream, outputs):
@@ -85,9 +102,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         finish, matched = openai_finish(out.finish_reason)
         logprobs = None
         if req.logprobs:
-            logprobs = _logprobs(
-                engine, Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, None)
-            )
+            delta = Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, out.finish_reason)
+            logprobs = _logprobs(engine, without_stop_token(delta, req.keeps_stop))
         choices.append(
             ChatChoice(
                 index=j,
@@ -95,6 +111,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                 logprobs=logprobs,
                 finish_reason=finish,
                 matched_stop=matched,
+                abort_message=abort_message(out.finish_reason),
             )
         )
     body = ChatCompletionResponse(
@@ -135,9 +152,10 @@ async def _events(
         choice = ChatChunkChoice(
             index=index[out.rid],
             delta=DeltaMessage(content=delta.text or None),
-            logprobs=_logprobs(engine, delta) if req.logprobs else None,
+            logprobs=_logprobs(engine, without_stop_token(delta, req.keeps_stop)) if req.logprobs else None,
             finish_reason=finish,
             matched_stop=matched,
+            abort_message=abort_message(delta.finish_reason),
         )
         # usage_of counts each prompt once: all choices here share one prompt, so n is len(rids).
         yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)

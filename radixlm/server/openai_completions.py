@@ -2,6 +2,9 @@
 
 Choice `index` is prompt-major, as OpenAI numbers them: prompt i, sample k -> i * n + k. Each choice is
 one Engine request whose id is `<response id>-<index>` (or the response id itself when there is one).
+
+`echo` with `logprobs` lists the prompt's tokens first, with their prompt logprobs (the first token's is
+null: nothing comes before it), as OpenAI's legacy completions and vLLM do.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from radixlm.server.serving import (
     Output,
     ServerContext,
     SSEResponse,
+    abort_message,
     collect_unless_disconnected,
     deltas,
     engine_rids,
@@ -34,6 +38,7 @@ from radixlm.server.serving import (
     sse_event,
     token_texts,
     usage_of,
+    without_stop_token,
 )
 
 
@@ -41,7 +46,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     arrival = time.perf_counter()
     ctx.check_model(req.model)
     engine = ctx.require_engine()
-    params = req.sampling_params()
+    params = req.sampling_params(ctx.sampling_defaults)
+    ctx.check_n(params.n)
     request_id = req.rid or new_request_id("cmpl")
     rids = engine_rids(request_id, req.num_prompts * params.n)
     return_logprob = req.logprobs is not None
@@ -51,6 +57,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
             "sampling_params": params,
             "return_logprob": return_logprob,
             "top_logprobs_num": req.logprobs or 0,
+            "logprob_start_len": 0 if req.echo and return_logprob else -1,
         },
         rids,
         [request_id],
@@ -58,7 +65,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     )
     outputs = {rid: Output(rid) for rid in rids}
     prefixes = _echo_prefixes(engine, req, params.n) if req.echo else [""] * len(rids)
-    model = req.model or ctx.served_model_name
+    model = ctx.served_model_name  # whatever name the caller used (SGLang reports its own)
     if req.stream:
         events = _events(ctx, req, stream, outputs, rids, prefixes, model, request_id, params.n)
         return SSEResponse(sse_body(stream, events))
@@ -71,8 +78,11 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         finish, matched = openai_finish(out.finish_reason)
         logprobs = None
         if return_logprob:
-            delta = Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, None)
+            delta = Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, out.finish_reason)
+            delta = without_stop_token(delta, req.keeps_stop)
             logprobs = _logprobs(engine, delta, req.logprobs or 0, offset=len(prefixes[j]))
+            if req.echo:
+                logprobs = _joined(_prompt_logprobs(engine, out, req.logprobs or 0), logprobs)
         choices.append(
             CompletionChoice(
                 index=j,
@@ -80,6 +90,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
                 logprobs=logprobs,
                 finish_reason=finish,
                 matched_stop=matched,
+                abort_message=abort_message(out.finish_reason),
             )
         )
     body = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of(ordered, params.n))
@@ -107,20 +118,32 @@ async def _events(
         body = CompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
         return sse_event(body.model_dump(mode="json"))
 
+    # With logprobs, an echoed prompt waits for its output's first chunk, which carries its prompt logprobs.
+    echo_logprobs = req.echo and req.logprobs is not None
     for j, prefix in enumerate(prefixes):
-        if prefix:
+        if prefix and not echo_logprobs:
             yield chunk([CompletionChoice(index=j, text=prefix)])
+    echo_due = set(range(len(rids))) if echo_logprobs else set()
     async for out, delta in deltas(ctx, stream, outputs):
+        j = index[out.rid]
+        if j in echo_due:
+            echo_due.discard(j)
+            prompt = _prompt_logprobs(engine, out, req.logprobs or 0)
+            yield chunk([CompletionChoice(index=j, text=prefixes[j], logprobs=prompt)])
         if delta.shows_nothing(req.logprobs is not None):
             continue
-        j = index[out.rid]
         finish, matched = openai_finish(delta.finish_reason)
         logprobs = None
         if req.logprobs is not None:
-            logprobs = _logprobs(engine, delta, req.logprobs, offset=offsets[j])
+            logprobs = _logprobs(engine, without_stop_token(delta, req.keeps_stop), req.logprobs, offset=offsets[j])
             offsets[j] += len(delta.text)
         choice = CompletionChoice(
-            index=j, text=delta.text, logprobs=logprobs, finish_reason=finish, matched_stop=matched
+            index=j,
+            text=delta.text,
+            logprobs=logprobs,
+            finish_reason=finish,
+            matched_stop=matched,
+            abort_message=abort_message(delta.finish_reason),
         )
         yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
     if req.include_usage:
@@ -136,6 +159,27 @@ def _echo_prefixes(engine: Any, req: CompletionRequest, n: int) -> list[str]:
         for q in prompts
     ]
     return [t for t in texts for _ in range(n)]
+
+
+def _prompt_logprobs(engine: Any, out: Output, top_n: int) -> CompletionLogprobs:
+    """The prompt's tokens and their logprobs (the Engine's input_token_logprobs), from text offset 0."""
+    entries = out.meta.get("input_token_logprobs", [])
+    tops = out.meta.get("input_top_logprobs", [])
+    # The first token has no logprob and no alternatives: null in both lists.
+    prompt = Delta("", [e[1] for e in entries], entries, [row or [] for row in tops], None)
+    logprobs = _logprobs(engine, prompt, top_n, offset=0)
+    if logprobs.top_logprobs and entries and entries[0][0] is None:
+        logprobs.top_logprobs[0] = None
+    return logprobs
+
+
+def _joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=None if first.top_logprobs is None else first.top_logprobs + (then.top_logprobs or []),
+        text_offset=first.text_offset + then.text_offset,
+    )
 
 
 def _logprobs(engine: Any, delta: Delta, top_n: int, offset: int) -> CompletionLogprobs:

@@ -6,19 +6,23 @@ valid. `to_sampling_params` renames SamplingParams' field names back to the Open
 
 Unknown fields are rejected with a 400 (`extra="forbid"`), as OpenAI itself does ("Unrecognized request
 argument"), instead of vLLM's log-and-ignore: a silently dropped option samples differently from what the
-caller asked for. OpenAI fields we know but do not implement (logit_bias, suffix, tools, ...) are accepted
-only at their no-op values.
+caller asked for. OpenAI fields we know but do not implement (suffix, tools, ...) are accepted
+only at their no-op values. JSON null for any field means "not given", and the fields other servers'
+clients send are ignored or refused by the table in `compat.py` (each model names its two lists).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from radixlm.sampling_params import SamplingParams
+from radixlm.sampling_params import SamplingParams, is_valid_text, short_repr
+from radixlm.server import compat
 from radixlm.server.errors import APIError
 
 MAX_TOP_LOGPROBS = 20  # the Engine's limit for top_logprobs_num
@@ -26,6 +30,51 @@ MAX_TOP_LOGPROBS = 20  # the Engine's limit for top_logprobs_num
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+    # Other servers' fields this body accepts with no effect, and those it accepts only at a no-op value.
+    _ignored_fields: ClassVar[frozenset[str]] = frozenset()
+    _refused_fields: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_and_foreign_fields(cls, data: Any) -> Any:
+        return compat.strip_foreign(compat.without_nulls(data), cls._ignored_fields, cls._refused_fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        # JSON may carry a lone surrogate ("\\ud800"), which no tokenizer, msgpack or JSON response can
+        # encode: refused here, for every string field at once, naming where it is.
+        where = find_invalid_text(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_text",
+                "must be valid Unicode text, but holds a lone surrogate (an unpaired \\ud800-\\udfff escape)",
+                {"loc": ".".join(short_repr(x).strip("'") if isinstance(x, str) else str(x) for x in where)},
+            )
+        return data
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def find_invalid_text(value: Any) -> list[str | int] | None:
+    """The path to the first string (or dict key) holding a lone surrogate, or None. Lists of numbers
+    (token ids) are skipped at C speed, so a large prompt of ids costs little."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not is_valid_text(item):
+                return path
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if isinstance(key, str) and not is_valid_text(key):
+                    return [*path, key]
+                if type(sub) not in _SCALARS:
+                    stack.append((sub, [*path, key]))
+        elif isinstance(item, list) and not set(map(type, item)) <= _SCALARS:
+            stack.extend((sub, [*path, i]) for i, sub in enumerate(item) if type(sub) not in _SCALARS)
+    return None
 
 
 def _check_prompt(value: Any) -> Any:
@@ -71,6 +120,9 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then SGLang/vLLM's extras)."""
 
+    _ignored_fields = compat.OPENAI_IGNORED
+    _refused_fields = compat.OPENAI_REFUSED
+
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -82,7 +134,7 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None  # recorded by OpenAI for abuse tracking; no effect here
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     # SGLang / vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -93,6 +145,7 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's name for no_stop_trim
     rid: str | None = Field(default=None, min_length=1)  # SGLang: names the request for /abort_request
 
     @field_validator("stop")
@@ -102,24 +155,29 @@ class _SamplingFields(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self) -> _SamplingFields:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def _sampling_dict(self, max_new_tokens: int) -> dict[str, Any]:
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
+    def _sampling_dict(
+        self, max_new_tokens: int, defaults: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """`defaults`: the model's sampling defaults (generation_config.json) for fields left unset."""
+        model_defaults = defaults or {}
+
+        def pick(value: Any, default: Any, name: str | None = None) -> Any:
+            if value is not None:
+                return value
+            return model_defaults.get(name, default) if name else default
 
         return {
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": self.min_tokens,
-            "temperature": pick(self.temperature, 1.0),
-            "top_p": pick(self.top_p, 1.0),
-            "top_k": pick(self.top_k, -1),
-            "min_p": pick(self.min_p, 0.0),
-            "repetition_penalty": pick(self.repetition_penalty, 1.0),
+            "temperature": pick(self.temperature, 1.0, "temperature"),
+            "top_p": pick(self.top_p, 1.0, "top_p"),
+            "top_k": pick(self.top_k, -1, "top_k"),
+            "min_p": pick(self.min_p, 0.0, "min_p"),
+            "repetition_penalty": pick(self.repetition_penalty, 1.0, "repetition_penalty"),
             "frequency_penalty": pick(self.frequency_penalty, 0.0),
             "presence_penalty": pick(self.presence_penalty, 0.0),
             "stop": pick(self.stop, []),
@@ -129,8 +187,15 @@ class _SamplingFields(_Strict):
             "seed": self.seed,
             "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
-            "no_stop_trim": self.no_stop_trim,
+            "no_stop_trim": self.keeps_stop,
+            # SamplingParams checks the ids and values (a 400 naming logit_bias); the front, the vocabulary.
+            "logit_bias": self.logit_bias or {},
         }
+
+    @property
+    def keeps_stop(self) -> bool:
+        """The matched stop string or token stays in the output (SGLang's no_stop_trim, vLLM's name)."""
+        return self.no_stop_trim or self.include_stop_str_in_output
 
     @property
     def include_usage(self) -> bool:
@@ -184,13 +249,11 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of is not supported (only best_of == n)")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
-        if self.echo and self.logprobs is not None:
-            # Echoing needs prompt logprobs, which the engine does not compute.
-            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
         return self
 
-    def sampling_params(self) -> SamplingParams:
-        return to_sampling_params(self._sampling_dict(16 if self.max_tokens is None else self.max_tokens))
+    def sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        limit = 16 if self.max_tokens is None else self.max_tokens
+        return to_sampling_params(self._sampling_dict(limit, defaults))
 
     def engine_prompt(self) -> dict[str, Any]:
         """The Engine's `prompt=` (text) or `input_ids=` (token ids) keyword."""
@@ -257,6 +320,9 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    # vLLM / SGLang: extra variables for the chat template (e.g. Qwen3's enable_thinking)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM's
 
     @model_validator(mode="after")
     def _chat_only(self) -> ChatCompletionRequest:
@@ -266,10 +332,12 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
-    def sampling_params(self, context_length: int) -> SamplingParams:
+    def sampling_params(
+        self, context_length: int, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
         # No max given: as many as fit in the context (the engine caps a request at its room).
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return to_sampling_params(self._sampling_dict(context_length if limit is None else limit))
+        return to_sampling_params(self._sampling_dict(context_length if limit is None else limit, defaults))
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -277,7 +345,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- native /generate and management ----------------------------------------------------------------
 class GenerateRequest(_Strict):
-    """SGLang's /generate body. `sampling_params` keys are SamplingParams' own (max_new_tokens, ...)."""
+    """SGLang's /generate body. `sampling_params` keys are SamplingParams' own (max_new_tokens, ...), plus
+    SGLang's spellings that `compat.generate_sampling_dict` maps or refuses."""
+
+    _ignored_fields = compat.GENERATE_IGNORED
+    _refused_fields = compat.GENERATE_REFUSED
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -285,12 +357,28 @@ class GenerateRequest(_Strict):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # SGLang's: each logprob entry as [logprob, token id, token text] instead of [logprob, token id, null]
+    return_text_in_logprobs: bool = False
+    # SGLang's: with return_logprob, input_token_logprobs for prompt positions from this one (-1: none)
+    logprob_start_len: int = Field(default=-1, ge=-1)
     rid: str | list[str] | None = None
+
+    @field_validator("sampling_params")
+    @classmethod
+    def _sglang_sampling_keys(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [compat.generate_sampling_dict(p, prefix=f"{i}.") for i, p in enumerate(value)]
+        return compat.generate_sampling_dict(value, prefix="") if value is not None else None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("pass exactly one of text or input_ids")
+        if self.text == [] or self.input_ids == [] or (self.input_ids and [] in self.input_ids):
+            field = "text" if self.text is not None else "input_ids"
+            raise PydanticCustomError(
+                "empty_prompt", "must not be empty (and hold no empty prompt)", {"loc": field}
+            )
         return self
 
     @property
@@ -303,9 +391,12 @@ class GenerateRequest(_Strict):
     def single(self) -> bool:
         return isinstance(self.text, str) or bool(self.input_ids and _is_token(self.input_ids[0]))
 
-    def sampling_params_list(self) -> list[SamplingParams]:
-        """One validated SamplingParams per prompt (a single dict applies to all)."""
+    def sampling_params_list(self, defaults: Mapping[str, Any] | None = None) -> list[SamplingParams]:
+        """One validated SamplingParams per prompt (a single dict applies to all). `defaults`: the model's
+        sampling defaults (generation_config.json), for keys a dict leaves out."""
         sp = self.sampling_params
+        if defaults:
+            sp = [{**defaults, **p} for p in sp] if isinstance(sp, list) else {**defaults, **(sp or {})}
         if isinstance(sp, list):
             if len(sp) != self.prompts:
                 raise APIError(
@@ -319,6 +410,29 @@ class GenerateRequest(_Strict):
 
 class AbortRequestBody(_Strict):
     rid: str = Field(min_length=1)
+
+
+class TokenizeRequest(_Strict):
+    """/tokenize (SGLang's and vLLM's): a prompt, or messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | list[str] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("pass exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] | list[list[int]]
+    skip_special_tokens: bool = True
 
 
 # ---- responses ---------------------------------------------------------------------------------------
@@ -346,6 +460,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None  # SGLang's: the stop string or token id that ended the choice
+    # Why the engine ended the choice, when finish_reason is "abort" (e.g. the KV cache ran out)
+    abort_message: str | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -382,6 +498,7 @@ class ChatChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
+    abort_message: str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -404,6 +521,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     matched_stop: int | str | None = None
+    abort_message: str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -22,6 +22,8 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from radixlm.config import DEFAULT_MAX_N
+from radixlm.sampling_params import short_repr
 from radixlm.server.errors import APIError, error_body
 from radixlm.server.metrics import ServerMetrics
 from radixlm.server.protocol import PromptTokensDetails, Usage
@@ -56,6 +58,32 @@ class ServerContext:
     model_aliases: set[str] = field(default_factory=set)
     # /abort_request: the id a caller knows (its rid, or the response id) -> the Engine's request ids.
     active: dict[str, list[str]] = field(default_factory=dict)
+    strict_model_name: bool = False  # True: a `model` other than the served name (or path) is a 404
+    # The model's sampling defaults (generation_config.json) for fields a request leaves unset.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    max_n: int = DEFAULT_MAX_N  # the Engine's max_n: more samples per request is a 400
+    # Set when a shutdown's drain time is over: what still runs is ended with this message (a 503).
+    ended_by_shutdown: str | None = None
+
+    def check_n(self, n: int, param: str = "n") -> None:
+        """Before anything loops over the samples (request ids, outputs): a huge n is refused at once."""
+        if n > self.max_n:
+            raise APIError(
+                400,
+                f"{param} is {short_repr(n)}; this server allows at most {self.max_n} samples per request "
+                "(--max-n)",
+                param=param,
+            )
+
+    def end_all_requests(self, message: str) -> int:
+        """Abort every running request; each answers with an OpenAI-style 503 carrying `message`.
+        Returns how many requests were aborted."""
+        self.ended_by_shutdown = message
+        rids = {rid for group in self.active.values() for rid in group}
+        if self.engine is not None:
+            for rid in rids:
+                self.engine.abort_request(rid)
+        return len(rids)
 
     def require_engine(self) -> Any:
         engine = self.engine
@@ -66,11 +94,14 @@ class ServerContext:
         return engine
 
     def check_model(self, name: str | None) -> None:
-        # `model` may be omitted (curl users); when given it must name this server's model.
+        # SGLang and vLLM clients send `model="default"` or any name for a server's one model: accepted,
+        # and the response names the served model. With --strict-model-name, another name is a 404.
+        if not self.strict_model_name:
+            return
         if name is not None and name != self.served_model_name and name not in self.model_aliases:
             raise APIError(
                 404,
-                f"The model `{name}` does not exist. This server serves `{self.served_model_name}`.",
+                f"The model {short_repr(name)} does not exist. This server serves `{self.served_model_name}`.",
                 param="model",
                 code="model_not_found",
             )
@@ -88,6 +119,8 @@ class ServerContext:
     ) -> ChunkStream:
         """Start the requests; a bad input raises a 400 here, before any response byte is sent."""
         engine = self.require_engine()
+        if self.ended_by_shutdown is not None:
+            raise APIError(503, self.ended_by_shutdown, code="server_shutting_down")
         try:
             gen = await engine.async_generate(stream=True, rid=rids, **engine_kwargs)
         except ValueError as exc:
@@ -104,6 +137,8 @@ class ServerContext:
         larger than the KV pool) before it produced anything."""
         if not reason or reason.get("type") != "abort":
             return
+        if self.ended_by_shutdown is not None:
+            raise APIError(503, self.ended_by_shutdown, code="server_shutting_down")
         message = str(reason.get("message", "aborted"))
         status = reason.get("status_code")
         if status == 503 or (self.engine is not None and not engine_alive(self.engine)):
@@ -365,6 +400,13 @@ def openai_finish(reason: dict[str, Any] | None) -> tuple[str | None, int | str 
     return str(kind), None  # "abort", as vLLM reports it
 
 
+def abort_message(reason: dict[str, Any] | None) -> str | None:
+    """The engine's reason for an abort (OpenAI's finish_reason "abort" carries none), else None."""
+    if not reason or reason.get("type") != "abort":
+        return None
+    return str(reason.get("message") or "aborted")
+
+
 def usage_of(outputs: list[Output], n: int) -> Usage:
     """Prompt tokens count once per prompt (its first sample's), completion tokens once per output."""
     prompt = sum(o.meta.get("prompt_tokens", 0) for o in outputs[::n])
@@ -375,6 +417,24 @@ def usage_of(outputs: list[Output], n: int) -> Usage:
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def without_stop_token(delta: Delta, no_stop_trim: bool) -> Delta:
+    """The delta's logprob entries without the stop token that ended the output (an EOS, <|im_end|>),
+    whose text the message leaves out: logprobs list exactly the tokens of the text (unless no_stop_trim
+    keeps it in the text too)."""
+    reason = delta.finish_reason or {}
+    matched = reason.get("matched") if reason.get("type") == "stop" else None
+    if (
+        no_stop_trim
+        or not isinstance(matched, int)
+        or not delta.token_ids
+        or delta.token_ids[-1] != matched
+    ):
+        return delta
+    return Delta(
+        delta.text, delta.token_ids[:-1], delta.logprobs[:-1], delta.top_logprobs[:-1], delta.finish_reason
     )
 
 

@@ -106,8 +106,9 @@ def test_n_samples_are_one_add_request_per_prompt(llm, sent) -> None:
 
 def test_prompt_beyond_the_kv_pool_is_a_value_error_at_the_front(llm, sent) -> None:
     capacity = llm.model_info["kv_capacity"]
-    assert capacity < llm.model_info["context_length"]
-    with pytest.raises(ValueError, match=rf"{capacity}\b.*KV cache holds {capacity}"):
+    # The model's 4096 are clamped to the pool, so no request can outgrow it (issue 10, hole 7).
+    assert capacity == llm.model_info["context_length"] == KV_TOKENS
+    with pytest.raises(ValueError, match=rf"{capacity} tokens; the context length is {capacity}"):
         llm.generate(input_ids=[5] * capacity, sampling_params={"max_new_tokens": 1})
     assert not any(isinstance(m, AddRequest) for m in sent)  # refused before anything reached the core
     # One token less fits: the prompt plus one output token.
@@ -131,7 +132,7 @@ def test_prompt_beyond_the_kv_pool_is_a_400_over_http(llm) -> None:
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == 400
-        assert f"KV cache holds {capacity} tokens" in error["message"]
+        assert f"the context length is {capacity}" in error["message"]
 
 
 def test_server_info_reports_the_resolved_runtime(llm) -> None:

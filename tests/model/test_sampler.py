@@ -570,3 +570,46 @@ def test_uniform_noise_is_strictly_inside_unit_interval():
     e = exponential_noise(keys, index)
     assert torch.isfinite(e).all() and (e > 0).all()
     assert abs(e.mean().item() - 1.0) < 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# logit_bias
+# ------------------------------------------------------------------------------------------------
+
+
+def test_logit_bias_forces_and_bans_tokens_under_greedy():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 500, generator=g) * 3
+    top = logits.argmax(-1)
+    params = [
+        SamplingParams(temperature=0, logit_bias={123: 100}),  # +100 wins over any logit here
+        SamplingParams(temperature=0, logit_bias={int(top[1]): -100}),  # the argmax is banned
+        SamplingParams(temperature=0),  # no bias: untouched, in the same batch
+    ]
+    out = sample(logits, params)
+    assert out[0] == 123
+    second = logits[1].clone()
+    second[top[1]] -= 100
+    assert out[1] == second.argmax() and out[1] != top[1]
+    assert out[2] == top[2]
+
+
+def test_logit_bias_applies_to_sampled_rows_and_leaves_logprobs_raw():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 300, generator=g)
+    params = [SamplingParams(temperature=0.8, seed=s, logit_bias={7: 100}) for s in range(4)]
+    batch = build(params, vocab_size=300)
+    out = sampler(logits, batch, return_logprob=True)
+    assert out.next_token_ids.tolist() == [7, 7, 7, 7]
+    # Reported logprobs are of the raw logits (before the bias), like vLLM's default.
+    raw = torch.log_softmax(logits, -1)[:, 7]
+    torch.testing.assert_close(out.logprobs, raw)
+
+
+def test_no_logit_bias_keeps_the_plain_argmax_fast_path():
+    batch = build([SamplingParams(temperature=0)] * 2, vocab_size=50)
+    assert batch.bias_index is None and not batch.need_logit_processing
+    biased = build(
+        [SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={3: 1})], vocab_size=50
+    )
+    assert biased.need_logit_processing and biased.bias_index.tolist() == [50 + 3]

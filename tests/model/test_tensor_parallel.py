@@ -5,6 +5,7 @@ its share of the weights; a rank that dies fails the engine instead of hanging i
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -102,7 +103,40 @@ def test_a_killed_rank_fails_the_engine_instead_of_hanging_it() -> None:
     assert not worker.is_alive()
 
 
-def test_transformers_backend_under_tp_is_refused_by_name() -> None:
-    path = cached_model_folder("gemma3", "tiny")
-    with pytest.raises(ValueError, match="tensor parallelism covers native implementations only"):
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gemma2"])
+def test_tp2_transformers_backend_from_the_tp_plan_matches_transformers(arch: str) -> None:
+    """gemma3: sliding windows, q/k norms (replicated); phi3: fused qkv and gate_up split per part;
+    gemma2: softcapping. Chunked prefill and retraction as for the native models."""
+    path = cached_model_folder(arch, "tiny")
+    core = EngineCore(
+        EngineConfig(model_path=str(path), dtype="float32", tp_size=2, max_total_tokens=400, chunked_prefill_size=16)
+    )
+    try:
+        assert core.runner.choice.impl == "transformers"
+        prompts = random_prompts(core.runner.vocab_size, LENGTHS, seed=14)
+        results = _greedy(core, prompts)
+        assert core.scheduler.num_retractions > 0
+        sizes = core.model_info().runtime["param_bytes_per_rank"]
+        assert len(sizes) == 2 and sizes[0] == sizes[1]
+    finally:
+        core.close()
+    for i, p in enumerate(prompts):
+        ref, margins = hf_greedy(path, p, MAX_NEW)
+        assert_greedy_match(results[i], ref, margins, f"{arch} tp=2 prompt {i} (len {len(p)})")
+
+
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("olmo2", "Olmo2ForCausalLM: plan entry for 'layers.0.self_attn.q_proj' gathers its output"),
+        ("mixtral", "'layers.*.mlp.experts.gate_up_proj': 'packed_colwise' is not supported"),
+        ("gpt_neox", "GPTNeoXForCausalLM does not size this module"),
+    ],
+)
+def test_a_plan_the_split_cannot_honour_is_refused_by_name_and_leaves_nothing_behind(arch, message) -> None:
+    path = cached_model_folder(arch, "tiny")
+    with pytest.raises(Exception, match=re.escape(message)):
         EngineCore(EngineConfig(model_path=str(path), dtype="float32", tp_size=2))
+    # The refused start closed its process group and ranks: a new TP engine starts in this process.
+    core = _core("qwen2", 2, max_total_tokens=1024)
+    core.close()

@@ -14,7 +14,9 @@ from radixlm.server.app import create_app
 
 
 class StubTokenizerManager:
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    max_chars_per_token = 64
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **_: Any) -> list[int]:
         return [5, 6]
 
 

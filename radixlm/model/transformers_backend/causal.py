@@ -24,6 +24,7 @@ from torch import nn
 from radixlm.layers.attention import RadixAttention
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.loader import ModelLoadError, text_config
+from radixlm.model.transformers_backend.tp_plan import TPSharding
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,17 @@ def _layer_windows(cfg, num_layers: int) -> list[int | None]:
 class TransformersCausalLM(nn.Module):
     """Wraps a Transformers *ForCausalLM with the native-model interface the runner uses."""
 
-    def __init__(self, config, model_path: Path, *, trust_remote_code: bool, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config,
+        model_path: Path,
+        *,
+        trust_remote_code: bool,
+        dtype: torch.dtype,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        """tp_size > 1: this rank's shard, built from the config's base_model_tp_plan (see tp_plan.py)."""
         super().__init__()
         from radixlm.model.loader import params_on_meta
 
@@ -116,9 +127,15 @@ class TransformersCausalLM(nn.Module):
         check_supports_attention_backend(cls)
         _register_attention()
         config._attn_implementation = ATTN_IMPLEMENTATION
+        self.tp: TPSharding | None = None
+        if tp_size > 1:
+            self.tp = TPSharding(cls, config, text_config(config), tp_rank, tp_size)
+            config = self.tp.local_config
         with params_on_meta():
             self.hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
         self.hf.eval()
+        if self.tp is not None:
+            self.tp.validate(self.hf.base_model)
         self.config = config
         cfg = text_config(config)
         self.text_config = cfg
@@ -146,6 +163,11 @@ class TransformersCausalLM(nn.Module):
         self._dtype = dtype
         self._trust_remote_code = trust_remote_code
         self._renamings, self._needs_converters = _conversion_mapping(self.hf)
+        if self.tp is not None and self._needs_converters:
+            raise ModelLoadError(
+                f"{cls.__name__}: its checkpoint loads through transformers' weight converters (fused MoE "
+                "experts), which radixlm cannot split across tensor-parallel ranks yet; use tp_size 1"
+            )
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
@@ -190,16 +212,37 @@ class TransformersCausalLM(nn.Module):
                     f"checkpoint tensor {name!r} does not match any parameter of {type(self.hf).__name__}"
                 )
             param = params[name]
+            if self.tp is not None:
+                tensor = self._tp_slice(name, tensor)
             if tuple(param.shape) != tuple(tensor.shape):
+                split = (
+                    f" (this rank's slice for tensor parallelism over {self.tp.size} ranks: "
+                    f"{type(self.hf).__name__} does not size this module from the head and MLP counts the split "
+                    "divides, so it cannot be split; use tp_size 1)"
+                    if self.tp
+                    else ""
+                )
                 raise ModelLoadError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}{split}, "
+                    f"the model expects {tuple(param.shape)}"
                 )
             _set_parameter(
                 self.hf, name, tensor.to(param.dtype if param.dtype.is_floating_point else tensor.dtype)
             )
             loaded.add("hf." + name)
         self._tie_if_needed(loaded)
+        if self.tp is not None:
+            self.tp.install_all_reduce(self.hf.base_model)
         return loaded
+
+    def _tp_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.tp is not None
+        prefix = self.hf.base_model_prefix + "."
+        module = name.rpartition(".")[0]
+        if not module.startswith(prefix):
+            return tensor  # the LM head and anything outside the base model stay whole
+        shard = self.tp.shard_for(module[len(prefix) :], tensor.shape[0])
+        return tensor if shard is None else self.tp.slice_tensor(shard, name, tensor).contiguous()
 
     def _renamed(self, name: str) -> str:
         if not self._renamings:

@@ -1,0 +1,166 @@
+"""Tensor parallelism for Transformers models, read from the config's `base_model_tp_plan`.
+
+The model is built from a *local* config: attention heads, KV heads and the MLP width divided by tp_size,
+head_dim pinned to its global value. transformers' own modules then come out at one rank's shapes, and
+their forward code, which reshapes with the config's counts, computes this rank's heads. The checkpoint's
+full tensors are sliced per plan entry as they load:
+
+    colwise                 weight rows (and bias) split: this rank's heads or MLP columns
+    rowwise                 weight columns split; the output is all-reduced; the bias is added on rank 0
+    replicated*             kept whole (per-head q/k norms)
+    colwise_gather_output   on a fused [q | k | v] or [gate | up] projection (Phi-3): split per part, as
+                            colwise, since nothing after it mixes heads
+    rowwise_split_input     its partner after such a projection: as rowwise
+
+Anything else (a norm across all heads behind a gathered projection, fused MoE experts, an entry this file
+does not know) is refused at start, naming the class and the entry. Embeddings and the LM head stay whole
+on every rank, so every rank computes the same logits from the same all-reduced hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from radixlm.model.loader import ModelLoadError
+
+_COLWISE = {"colwise", "colwise_gather_output"}
+_ROWWISE = {"rowwise", "rowwise_split_input"}
+_REPLICATED = {"replicated_with_grad_allreduce", "replicate", "replicated", "embedding_rowwise"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    kind: str  # "col" or "row"
+    parts: tuple[int, ...]  # the global output sizes of a fused projection's parts (col), else (out,)
+
+
+class TPSharding:
+    """One rank's view of a Transformers model's tensor-parallel split."""
+
+    def __init__(self, model_cls: type, config, text_config, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+        self.model_name = model_cls.__name__
+        cfg = text_config
+        self.plan: dict[str, str] = dict(getattr(cfg, "base_model_tp_plan", None) or {})
+        if not self.plan:
+            raise ModelLoadError(
+                f"{self.model_name} has no base_model_tp_plan in its config, so radixlm cannot split it across "
+                f"{size} ranks; use tp_size 1"
+            )
+        for pattern, style in self.plan.items():
+            if style not in _COLWISE | _ROWWISE | _REPLICATED:
+                raise ModelLoadError(
+                    f"{self.model_name}: tensor-parallel plan entry {pattern!r}: {style!r} is not supported "
+                    "by radixlm yet (supported: colwise, rowwise, replicated, and colwise_gather_output / "
+                    "rowwise_split_input on fused q|k|v or gate|up projections)"
+                )
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.intermediate = getattr(cfg, "intermediate_size", None)
+        for what, n in (("attention heads", self.heads), ("KV heads", self.kv_heads)):
+            if n % size:
+                raise ModelLoadError(
+                    f"{self.model_name}: {n} {what} do not split across {size} tensor-parallel ranks"
+                )
+        if self.intermediate is not None and self.intermediate % size:
+            raise ModelLoadError(
+                f"{self.model_name}: intermediate_size {self.intermediate} does not split across {size} ranks"
+            )
+        self._patterns = [(re.compile(_regex(p)), s) for p, s in self.plan.items()]
+        self.local_config = self._local(config, text_config)
+
+    def _local(self, config, text_config):
+        """A copy of the config with one rank's counts (the text config's, for a composite config)."""
+        local = copy.deepcopy(config)
+        text = local.get_text_config() if hasattr(local, "get_text_config") else local
+        text.num_attention_heads = self.heads // self.size
+        text.num_key_value_heads = self.kv_heads // self.size
+        text.head_dim = self.head_dim  # else hidden_size // (local heads) would double it
+        if self.intermediate is not None:
+            text.intermediate_size = self.intermediate // self.size
+        return local
+
+    def style_of(self, module_name: str) -> str | None:
+        """The plan entry for a module of the base model (names relative to it, e.g. layers.3.mlp.up_proj)."""
+        for rx, style in self._patterns:
+            if rx.fullmatch(module_name):
+                return style
+        return None
+
+    def shard_for(self, module_name: str, full_out: int) -> Shard | None:
+        style = self.style_of(module_name)
+        if style is None or style in _REPLICATED:
+            return None
+        if style in _ROWWISE:
+            return Shard("row", (full_out,))
+        if style == "colwise":
+            return Shard("col", (full_out,))
+        # colwise_gather_output: only where the projection is a fusion of per-head or per-column parts
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if full_out == q + 2 * kv:
+            return Shard("col", (q, kv, kv))
+        if self.intermediate is not None and full_out == 2 * self.intermediate:
+            return Shard("col", (self.intermediate, self.intermediate))
+        raise ModelLoadError(
+            f"{self.model_name}: plan entry for {module_name!r} gathers its output across ranks "
+            "(colwise_gather_output), which radixlm does not support on an unfused projection yet; "
+            "use tp_size 1"
+        )
+
+    def validate(self, base_model: nn.Module) -> None:
+        """Refuse, before any weight loads, a plan entry this split cannot honour on this model."""
+        for name, mod in base_model.named_modules():
+            if isinstance(mod, nn.Linear) and self.style_of(name) == "colwise_gather_output":
+                self.shard_for(name, mod.out_features * self.size)
+
+    def slice_tensor(self, shard: Shard, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full checkpoint tensor of a sharded linear (weight or bias)."""
+        is_bias = param_name.endswith("bias")
+        if shard.kind == "row":
+            if is_bias:  # summed over ranks by the all-reduce: added once
+                return tensor if self.rank == 0 else torch.zeros_like(tensor)
+            return _narrow_even(tensor, 1, self.rank, self.size)
+        pieces, offset = [], 0
+        for part in shard.parts:
+            pieces.append(_narrow_even(tensor.narrow(0, offset, part), 0, self.rank, self.size))
+            offset += part
+        if offset != tensor.shape[0]:
+            raise ModelLoadError(
+                f"{param_name}: {tensor.shape[0]} rows, but the plan's parts add up to {offset}"
+            )
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+    def install_all_reduce(self, base_model: nn.Module) -> int:
+        """Sum each row-parallel linear's partial outputs over the ranks; returns how many were hooked."""
+        import torch.distributed as dist
+
+        def all_reduce(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(output)
+            return output
+
+        n = 0
+        for name, mod in base_model.named_modules():
+            if isinstance(mod, nn.Linear) and self.style_of(name) in _ROWWISE:
+                mod.register_forward_hook(all_reduce)
+                n += 1
+        if n == 0:
+            raise ModelLoadError(f"{self.model_name}: the tensor-parallel plan matched no row-parallel linear")
+        return n
+
+
+def _regex(pattern: str) -> str:
+    return re.escape(pattern).replace(r"\*", r"\d+")
+
+
+def _narrow_even(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    n = t.shape[dim]
+    if n % size:
+        raise ModelLoadError(f"a tensor of {n} along dim {dim} does not split across {size} ranks")
+    step = n // size
+    return t.narrow(dim, rank * step, step)

@@ -1,0 +1,93 @@
+"""SGLang's own frontend language (`sglang==0.5.23`, installed with --no-deps plus the few packages its
+frontend imports; scripts/test.sh installs them) driving `radixlm serve` through `RuntimeEndpoint`.
+
+The frontend runs in a subprocess: importing sglang applies its patches to transformers process-wide,
+which must not leak into the rest of the suite. Skipped only when sglang is not installed at all; an
+sglang that is installed but fails to import fails the test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server.test_server import Server, _start, _stop
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None,
+    reason="sglang is not installed (scripts/test.sh installs sglang==0.5.23 --no-deps and its frontend deps)",
+)
+
+PROGRAM = r"""
+import json, sys
+import sglang as sgl
+
+backend = sgl.RuntimeEndpoint(sys.argv[1])
+what = sys.argv[2]
+
+@sgl.function
+def chat(s, question):
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=8, temperature=0))
+    s += sgl.user("And then?")
+    s += sgl.assistant(sgl.gen("more", max_tokens=4, temperature=0, stop=["\n"]))
+
+@sgl.function
+def plain(s):
+    s += "Once upon a time" + sgl.gen("story", max_tokens=6, temperature=0)
+
+@sgl.function
+def choose(s):
+    s += "The best color is " + sgl.select("color", choices=["red", "green", "blue"])
+
+if what == "gen":
+    state = chat.run(question="Hi there", backend=backend)
+    streamed = plain.run(backend=backend, stream=True)
+    pieces = list(streamed.text_iter("story"))
+    print(json.dumps({
+        "answer": state["answer"],
+        "more": state["more"],
+        "roles": [m["role"] for m in state.messages()],
+        "story": plain.run(backend=backend)["story"],
+        "streamed_story": "".join(pieces),
+    }))
+else:
+    print(json.dumps({"color": choose.run(backend=backend)["color"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    srv = _start()
+    try:
+        yield srv
+    finally:
+        clean, _ = _stop(srv)
+    assert clean, srv.log_tail()
+
+
+def run_frontend(server: Server, what: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROGRAM, server.url, what], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nserver log:\n{server.log_tail()}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_gen_and_roles(server: Server) -> None:
+    out = run_frontend(server, "gen")
+    assert isinstance(out["answer"], str) and out["answer"]
+    assert isinstance(out["more"], str) and "\n" not in out["more"]
+    assert out["roles"] == ["user", "assistant", "user", "assistant"]
+    assert out["streamed_story"] == out["story"]
+
+
+def test_select(server: Server) -> None:
+    assert run_frontend(server, "select")["color"] in ("red", "green", "blue")
