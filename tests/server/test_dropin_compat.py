@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +24,8 @@ import pytest
 
 import radixlm
 from radixlm.testing import cached_model_folder
-from tests.server.test_server import Server, _free_port, _sse, _stop
+from tests.server.test_server import Server, _sse, _stop, launch
 
-START_TIMEOUT_S = 180
 SERVED = "compat-model"
 # The model's own sampling defaults, as Qwen2.5-Instruct ships them (top_k 1 here: greedy, observable).
 GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 1, "repetition_penalty": 1.0}
@@ -39,29 +37,6 @@ def model_with_generation_defaults(out: Path) -> Path:
     path = out / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **GENERATION_DEFAULTS}))
     return out
-
-
-def launch(args: list[str], *, wait: bool = True) -> Server:
-    port = _free_port()
-    log = Path(tempfile.mkstemp(prefix="radixlm-compat-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "radixlm.launch_server", *args, "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while wait and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    if wait:
-        _stop(server)
-        raise RuntimeError(f"the server did not become healthy:\n{server.log_tail()}")
-    return server
 
 
 @pytest.fixture(scope="module")

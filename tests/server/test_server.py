@@ -51,28 +51,21 @@ def _free_port() -> int:
 
 def _start(*extra: str) -> Server:
     model = cached_model_folder("qwen2", "tiny")
+    args = ["--model-path", str(model), "--dtype", "float32", "--max-total-tokens", "20000", *extra]
+    return launch(args)
+
+
+def launch(args: list[str], *, wait: bool = True) -> Server:
+    """`python -m radixlm.launch_server ARGS --port <free>`; with wait, returns once /health is 200."""
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix="radixlm-server-", suffix=".log")[1])
-    cmd = [
-        sys.executable,
-        "-m",
-        "radixlm.launch_server",
-        "--model-path",
-        str(model),
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-total-tokens",
-        "20000",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "radixlm.launch_server", *args, "--port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while wait and time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{server.log_tail()}")
         try:
@@ -81,8 +74,10 @@ def _start(*extra: str) -> Server:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    _stop(server)
-    raise RuntimeError(f"the server did not become healthy in {START_TIMEOUT_S}s:\n{server.log_tail()}")
+    if wait:
+        _stop(server)
+        raise RuntimeError(f"the server did not become healthy in {START_TIMEOUT_S}s:\n{server.log_tail()}")
+    return server
 
 
 def _pid_alive(pid: int) -> bool:
