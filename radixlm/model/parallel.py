@@ -13,7 +13,8 @@ SamplingBatch from the same StepInput and samples the same tokens: no exchange o
 
 Why a socket for the step and not a torch.distributed broadcast: an idle engine would leave the other
 ranks blocked in a collective that times out after a while, and a collective cannot notice that rank 0
-died; a socket poll can wait forever and check the parent between polls.
+died; a socket poll can wait forever and check between polls that rank 0 still lives (its process is the
+parent on node 0; on another node, the rendezvous store rank 0 serves still answers).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -243,6 +245,32 @@ def run_follower_node(config: EngineConfig) -> int:
     return max((p.exitcode or 0) for p in procs) if procs else 0
 
 
+class LeaderWatch:
+    """Whether rank 0 still lives, asked by an idle rank between polls.
+
+    On node 0 rank 0 is the parent process. A rank on another node has a launcher for a parent, so it also
+    asks the rendezvous store, which lives in rank 0's process: once that process is gone, the store's
+    socket is closed and the call fails at once.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int, init_method: str, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        self._store = None
+        if rank not in node_ranks(config, 0):
+            host, port = _split_addr(init_method.removeprefix("tcp://"))
+            self._store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=10))
+
+    def why_gone(self) -> str | None:
+        if os.getppid() != self.parent_pid:
+            return "its parent process exited"
+        if self._store is not None:
+            try:
+                self._store.check(["radixlm/leader"])
+            except Exception as exc:  # DistNetworkError and friends: the store's process is gone
+                return f"rank 0's rendezvous store stopped answering ({type(exc).__name__})"
+        return None
+
+
 def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: str, parent_pid: int) -> None:
     """Ranks 1..N-1: load this rank's shard, then run every step rank 0 sends until told to stop."""
     import zmq
@@ -255,12 +283,14 @@ def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: st
     sock = ctx.socket(zmq.PULL)
     sock.connect(address)
     runner = ModelRunner(config, tp_rank=rank, init_method=init_method)
+    leader = LeaderWatch(config, rank, init_method, parent_pid)
     try:
         while True:
             if not sock.poll(_POLL_MS):
-                if os.getppid() != parent_pid:  # rank 0 is gone: nobody will send a stop
-                    logger.error("tp rank %d: rank 0 exited; stopping", rank)
-                    return
+                why = leader.why_gone()
+                if why is not None:  # rank 0 is gone: nobody will send a stop
+                    logger.error("tp rank %d: rank 0 is gone (%s); stopping", rank, why)
+                    sys.exit(1)
                 continue
             kind, payload = msgpack.unpackb(sock.recv(), raw=False)
             if kind == _STOP:

@@ -68,6 +68,7 @@ ARCHITECTURES: tuple[str, ...] = (
     "phi3",
     "mixtral",
     "qwen2_moe",
+    "qwen3_moe",
     "olmo2",
     "granite",
 )
@@ -214,6 +215,19 @@ def _arch_kwargs(arch: str, size: str) -> tuple[type, dict[str, Any]]:
             "decoder_sparse_step": 1,
             "norm_topk_prob": False,
             "rope_theta": 1e6,
+        }
+    if arch == "qwen3_moe":
+        # Qwen3's q/k norms and head_dim, experts in every layer but the last, which keeps a dense MLP
+        # (mlp_only_layers), so both MLP kinds are exercised.
+        return tf.Qwen3MoeConfig, {
+            **kw,
+            "head_dim": 32 if tiny else hd,
+            "num_experts": 4 if tiny else 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64 if tiny else kw["intermediate_size"] // 4,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [kw["num_hidden_layers"] - 1],
+            "norm_topk_prob": True,
         }
     if arch == "olmo2":
         # Post-norm blocks and q/k norm over the whole projection.

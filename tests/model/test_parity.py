@@ -63,7 +63,7 @@ def test_parity_chunked_prefill_and_retraction(arch: str, impl: str) -> None:
     assert core.scheduler.num_retractions > 0, "the pool was meant to be small enough to force retraction"
 
 
-EXTRA_ARCHS = ["gemma2", "gpt_neox", "phi3", "mixtral", "qwen2_moe", "olmo2", "granite"]
+EXTRA_ARCHS = ["gemma2", "gpt_neox", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite"]
 
 
 @pytest.mark.parametrize("arch", EXTRA_ARCHS)

@@ -45,7 +45,21 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if _pid_alive(p)]
 
 
-def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
+def _children(pid: int) -> list[int]:
+    """Direct children of a process, from /proc (no psutil in the test dependencies)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _two_nodes() -> tuple[Server, subprocess.Popen, Path]:
+    """Node 1 (one rank) started first, then node 0 (the server with rank 0), on one loopback rendezvous."""
     rendezvous = _free_port()
     common = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{rendezvous}"]
     log = Path(tempfile.mkstemp(prefix="radixlm-node1-", suffix=".log")[1])
@@ -55,9 +69,17 @@ def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
     ]  # fmt: skip
     with open(log, "wb") as out:
         follower = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    server = None
     try:
-        server = _start(*common, "--node-rank", "0")
+        return _start(*common, "--node-rank", "0"), follower, log
+    except BaseException:
+        follower.kill()
+        follower.wait(10)
+        raise
+
+
+def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
+    server, follower, log = _two_nodes()
+    try:
         info = httpx.get(server.url + "/get_server_info", timeout=30).json()
         runtime = info.get("runtime") or info.get("model_info", {}).get("runtime", {})
         assert runtime.get("tp_size") == 2, info
@@ -66,8 +88,7 @@ def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == _greedy_tp1(8)
     finally:
-        if server is not None:
-            _stop(server)
+        _stop(server)
         try:
             follower.wait(30)  # node 0's shutdown stops the follower's rank, and the follower with it
         except subprocess.TimeoutExpired:
@@ -75,6 +96,29 @@ def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
             follower.wait(10)
             pytest.fail(f"the follower node did not exit after node 0 stopped:\n{log.read_text()[-3000:]}")
     assert follower.returncode == 0, log.read_text()[-3000:]
+
+
+def test_a_follower_node_exits_when_node_0_is_killed_while_idle() -> None:
+    """SIGKILL leaves no stop message: the idle rank on node 1 must notice rank 0's store is gone."""
+    server, follower, log = _two_nodes()
+    children = _children(follower.pid)  # its rank, and multiprocessing's resource tracker
+    try:
+        core_pid = httpx.get(server.url + "/get_server_info", timeout=30).json().get("core_pid")
+        assert core_pid and children, (core_pid, children)
+        assert _generate(server.url, 4).status_code == 200  # a healthy step first; then idle
+        os.kill(core_pid, signal.SIGKILL)
+        server.proc.kill()
+        try:
+            follower.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node 1 outlived node 0 by 15 s:\n{log.read_text()[-3000:]}")
+        assert follower.returncode != 0  # node 0's death is a failure for whoever supervises node 1
+        assert "rank 0 is gone" in log.read_text()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        _stop(server)
+    assert _wait_gone(children, 5) == []
 
 
 def test_a_rank_killed_under_load_gives_errors_and_503_and_leaves_no_process() -> None:

@@ -25,6 +25,7 @@ from radixlm.layers.attention import RadixAttention
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.loader import ModelLoadError, text_config
 from radixlm.model.transformers_backend.tp_plan import TPSharding
+from radixlm.model.transformers_backend.vocab_parallel import VocabSplit
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +129,18 @@ class TransformersCausalLM(nn.Module):
         _register_attention()
         config._attn_implementation = ATTN_IMPLEMENTATION
         self.tp: TPSharding | None = None
+        self._global_config = config
         if tp_size > 1:
             self.tp = TPSharding(cls, config, text_config(config), tp_rank, tp_size)
             config = self.tp.local_config
         with params_on_meta():
             self.hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
         self.hf.eval()
+        self.vocab: VocabSplit | None = None
+        self._vocab_params: set[str] = set()
         if self.tp is not None:
             self.tp.validate(self.hf.base_model)
+            self._split_vocabulary(tp_rank, tp_size)
         self.config = config
         cfg = text_config(config)
         self.text_config = cfg
@@ -163,11 +168,18 @@ class TransformersCausalLM(nn.Module):
         self._dtype = dtype
         self._trust_remote_code = trust_remote_code
         self._renamings, self._needs_converters = _conversion_mapping(self.hf)
-        if self.tp is not None and self._needs_converters:
-            raise ModelLoadError(
-                f"{cls.__name__}: its checkpoint loads through transformers' weight converters (fused MoE "
-                "experts), which radixlm cannot split across tensor-parallel ranks yet; use tp_size 1"
-            )
+
+    def _split_vocabulary(self, rank: int, size: int) -> None:
+        """Embedding and LM head rows split across the ranks (still on meta: the checkpoint fills them)."""
+        in_emb, out_emb = self.hf.get_input_embeddings(), self.hf.get_output_embeddings()
+        modules = [m for m in (in_emb, out_emb) if m is not None]
+        owned = {id(getattr(m, a)) for m in modules for a in ("weight", "bias") if getattr(m, a, None) is not None}
+        self._vocab_params = {n for n, p in self.hf.named_parameters(remove_duplicate=False) if id(p) in owned}
+        self.vocab = VocabSplit(in_emb.weight.shape[0], rank, size)
+        for module, what in ((in_emb, "input embedding"), (out_emb, "LM head")):
+            if module is not None:
+                self.vocab.resize(module, what)
+        self.vocab.wrap_embedding(in_emb)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
@@ -184,6 +196,8 @@ class TransformersCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on the sampled rows only, with the model's final-logit transforms."""
         logits = self.hf.get_output_embeddings()(hidden)
+        if self.vocab is not None:
+            logits = self.vocab.gather_logits(logits)
         cfg = self.text_config
         logit_scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies
         if logit_scale is not None and not isinstance(logit_scale, bool):
@@ -197,14 +211,20 @@ class TransformersCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        renamed = True
         if self._needs_converters:
             # The checkpoint format differs from the modules (e.g. per-expert MoE tensors that transformers fuses
             # on load). transformers' own loader knows every such converter; re-implementing them would drift.
-            return self._load_with_transformers()
+            if self.tp is None:
+                return self._load_with_transformers()
+            # Under tensor parallelism the whole model loads once through transformers, and its converted
+            # tensors (already in module names and layouts) are sliced into this rank's model like a checkpoint.
+            whole = self._from_pretrained(self._global_config)
+            weights, renamed = ((n, p.data) for n, p in whole.named_parameters()), False
         params = dict(self.hf.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = self._renamed(name)
+            name = self._renamed(name) if renamed else name
             if name not in params:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
@@ -236,12 +256,18 @@ class TransformersCausalLM(nn.Module):
         return loaded
 
     def _tp_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        assert self.tp is not None
+        assert self.tp is not None and self.vocab is not None
+        if name in self._vocab_params:
+            return self.vocab.slice(tensor)
         prefix = self.hf.base_model_prefix + "."
-        module = name.rpartition(".")[0]
-        if not module.startswith(prefix):
+        if not name.startswith(prefix):
             return tensor  # the LM head and anything outside the base model stay whole
-        shard = self.tp.shard_for(module[len(prefix) :], tensor.shape[0])
+        param = name[len(prefix) :]
+        module = param.rpartition(".")[0]
+        if self.tp.is_experts(module):  # fused expert tensors are parameters of the experts module itself
+            shard = self.tp.expert_shard_for(self.hf.base_model.get_submodule(module), param, tensor)
+        else:
+            shard = self.tp.shard_for(module, tensor.shape[0])
         return tensor if shard is None else self.tp.slice_tensor(shard, name, tensor).contiguous()
 
     def _renamed(self, name: str) -> str:
@@ -256,14 +282,17 @@ class TransformersCausalLM(nn.Module):
             "%s: the checkpoint needs transformers' weight converters; loading through from_pretrained",
             self._model_cls.__name__,
         )
-        self.hf = self._model_cls.from_pretrained(
+        self.hf = self._from_pretrained(self.config)
+        return {"hf." + n for n, _ in self.hf.named_parameters(remove_duplicate=False)}
+
+    def _from_pretrained(self, config) -> nn.Module:
+        return self._model_cls.from_pretrained(
             str(self._model_path),
-            config=self.config,
+            config=config,
             dtype=self._dtype,
             attn_implementation=ATTN_IMPLEMENTATION,
             trust_remote_code=self._trust_remote_code,
         ).eval()
-        return {"hf." + n for n, _ in self.hf.named_parameters(remove_duplicate=False)}
 
     def _tie_if_needed(self, loaded: set[str]) -> None:
         out_emb = self.hf.get_output_embeddings()
