@@ -30,6 +30,7 @@ class RadixAttention(nn.Module):
         v_head_dim: int | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        attention_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -40,6 +41,7 @@ class RadixAttention(nn.Module):
         self.scaling = scaling
         self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.softcap = softcap if softcap else None
+        self.attention_chunk = attention_chunk if attention_chunk and attention_chunk > 0 else None
 
     def forward(
         self,
@@ -51,6 +53,7 @@ class RadixAttention(nn.Module):
         scaling: float | None = None,
         sliding_window: int | None | object = _FROM_LAYER,
         softcap: float | None | object = _FROM_LAYER,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [T, H*D] or [T, H, D]; k, v: [T, Hkv*D] or [T, Hkv, D]. Returns [T, H * v_head_dim].
 
@@ -71,5 +74,7 @@ class RadixAttention(nn.Module):
             softcap=self.softcap if softcap is _FROM_LAYER else (softcap or None),
             k=k,
             v=v,
+            sinks=sinks,
+            chunk=self.attention_chunk,
         )
         return out.reshape(T, self.num_heads * self.v_head_dim)

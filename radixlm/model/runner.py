@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from radixlm.config import EngineConfig, ModelFacts, RuntimeConfig
-from radixlm.kv.kv_pool import KVPool
+from radixlm.kv.kv_pool import KVPool, LayerKV
 from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.packed_linear import default_decision_file, prepack_linears
@@ -118,47 +118,54 @@ class ModelRunner:
             model, self.config.linear_kernel, self.device, self.dtype, default_decision_file()
         )
         logger.info("%s", self.linear_kernels.summary())
+        measure = getattr(model, "measure_attention", None)
+        if measure is not None:  # on every rank, at the same point: it runs the model once
+            measure()
         return model
 
-    def _kv_shape(self) -> tuple[int, int, int]:
-        """(layers, this rank's KV heads, head_dim). Ranks split the KV heads; with fewer KV heads than
-        ranks each rank holds one (replicated), as QKVParallelLinear lays them out."""
+    def _kv_layout(self) -> list[LayerKV]:
+        """This rank's K/V row shape per layer. A model that knows its own (the Transformers backend
+        measures it) says so; else the config's counts, with ranks splitting the KV heads (with fewer KV
+        heads than ranks each rank holds one, replicated, as QKVParallelLinear lays them out)."""
+        own = getattr(self.model, "kv_layout", None)
+        if own is not None:
+            return own()
         cfg = self.text_config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         local_kv = kv_heads // self.tp_size if self.tp_size < kv_heads else 1
-        return cfg.num_hidden_layers, local_kv, head_dim
+        return LayerKV.uniform(cfg.num_hidden_layers, local_kv, head_dim)
 
     def facts(self) -> ModelFacts:
         """What the runtime defaults depend on (after the weights loaded, so free memory excludes them)."""
-        layers, kv_heads, head_dim = self._kv_shape()
         context = getattr(self.text_config, "max_position_embeddings", None)
+        cap = getattr(self.model, "max_context", None)  # what the model can run exactly (DSA: index_topk)
+        if cap and (not context or cap < context):
+            context = cap
         return ModelFacts(
             device_type=self.device.type,
             model_context_length=int(context) if context else None,
-            kv_bytes_per_token=KVPool.bytes_per_token(layers, kv_heads, head_dim, None, self.dtype),
+            kv_bytes_per_token=KVPool.layout_bytes_per_token(self._kv_layout(), self.dtype),
             free_memory_bytes=loader.default_mem_bytes(self.device),
             total_memory_bytes=loader.total_mem_bytes(self.device),
         )
 
     def allocate_kv(self, runtime: RuntimeConfig, num_rows: int) -> None:
         """The KV buffers (allocated once) and the device slot table, as the runtime sized them."""
-        layers, kv_heads, head_dim = self._kv_shape()
+        layout = self._kv_layout()
         self.runtime = runtime
         if self.tp_leader is not None:
             self.tp_leader.send_kv(runtime, num_rows)
         self.kv_pool = KVPool(
             num_pages=runtime.num_kv_pages,
             page_size=runtime.page_size,
-            num_layers=layers,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
+            layers=layout,
             dtype=self.dtype,
             device=self.device,
         )
         self.req_to_token = DeviceReqToToken(num_rows, runtime.context_length + 1, self.device)
-        per_token = KVPool.bytes_per_token(layers, kv_heads, head_dim, None, self.dtype)
+        per_token = KVPool.layout_bytes_per_token(layout, self.dtype)
         logger.info(
             "KV pool: %d tokens (%.1f MiB), from %s",
             runtime.kv_capacity,

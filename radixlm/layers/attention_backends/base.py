@@ -28,6 +28,10 @@ class AttentionBackend(ABC):
         softcap: float | None,
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> torch.Tensor:
         """q: [T, H, D]. The step's K/V are already in the pool; k/v [T, Hkv, D], when given, are the same
-        values, which a backend may read instead of gathering them back. Returns [T, H, Dv]."""
+        values, which a backend may read instead of gathering them back. sinks [H]: per-head logits that
+        join each softmax with no value (attention sinks); chunk: a query sees only its own chunk of that many
+        positions (chunked attention). Returns [T, H, Dv]."""

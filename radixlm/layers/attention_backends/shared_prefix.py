@@ -55,15 +55,18 @@ class SharedDecodeGroups:
     def max_members(self) -> int:
         return int(self.token_idx.shape[1])
 
-    def mask(self, sliding_window: int | None, heads_per_kv: int) -> torch.Tensor:
-        """[Gn, 1, Kmax * heads_per_kv, Lmax] bool, rows in (member, head) order."""
-        key = sliding_window
+    def mask(self, sliding_window: int | None, heads_per_kv: int, chunk: int | None = None) -> torch.Tensor:
+        """[Gn, 1, Kmax * heads_per_kv, Lmax] bool, rows in (member, head) order. chunk: attention only
+        inside the query's chunk of that many positions (Llama 4's chunked layers)."""
+        key = (sliding_window, chunk)
         if key not in self._masks:
             members = torch.arange(self.max_members, device=self.owner.device)
             own = self.owner[:, None, :]
             allowed = (own == -1) | (own == members[None, :, None])  # [Gn, Kmax, Lmax]
             if sliding_window is not None:
                 allowed &= (self.q_pos[:, :, None] - self.kv_pos[:, None, :]) < sliding_window
+            if chunk is not None:
+                allowed &= self.kv_pos[:, None, :] >= (self.q_pos[:, :, None] // chunk) * chunk
             # A padding member attends to column 0 only, so that its softmax row is never all-masked (NaN).
             col0 = torch.zeros_like(allowed)
             col0[:, :, 0] = True

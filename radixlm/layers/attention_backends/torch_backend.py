@@ -50,16 +50,19 @@ class _DecodeGroup:
     seq_lens: torch.Tensor  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, 1, Lmax] bool, cached per window size because layers share it."""
-        if sliding_window not in self._masks:
+    def mask(self, sliding_window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """[B, 1, 1, Lmax] bool, cached per (window, chunk) because layers share it."""
+        key = (sliding_window, chunk)
+        if key not in self._masks:
             kv_pos = torch.arange(self.kv_idx.shape[1], device=self.kv_idx.device)[None, :]
             seq = self.seq_lens[:, None]
             allowed = kv_pos < seq
             if sliding_window is not None:
                 allowed &= (seq - 1 - kv_pos) < sliding_window
-            self._masks[sliding_window] = allowed[:, None, None]
-        return self._masks[sliding_window]
+            if chunk is not None:
+                allowed &= kv_pos >= ((seq - 1) // chunk) * chunk
+            self._masks[key] = allowed[:, None, None]
+        return self._masks[key]
 
 
 @dataclass
@@ -72,17 +75,20 @@ class _ExtendSpan:
     kv_idx: torch.Tensor  # [prefix + len] slots of the sequence, read when the step's own K/V are not enough
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, sliding_window: int | None, device: torch.device) -> torch.Tensor:
-        """[1, 1, len, prefix + len] bool: causal over the whole history, inside the window."""
-        if sliding_window not in self._masks:
+    def mask(self, sliding_window: int | None, device: torch.device, chunk: int | None = None) -> torch.Tensor:
+        """[1, 1, len, prefix + len] bool: causal over the whole history, inside the window and chunk."""
+        key = (sliding_window, chunk)
+        if key not in self._masks:
             q_pos = self.prefix + torch.arange(self.end - self.start, device=device)
             kv_pos = torch.arange(self.prefix + self.end - self.start, device=device)
             diff = q_pos[:, None] - kv_pos[None, :]
             allowed = diff >= 0
             if sliding_window is not None:
                 allowed &= diff < sliding_window
-            self._masks[sliding_window] = allowed[None, None]
-        return self._masks[sliding_window]
+            if chunk is not None:
+                allowed &= (q_pos[:, None] // chunk) == (kv_pos[None, :] // chunk)
+            self._masks[key] = allowed[None, None]
+        return self._masks[key]
 
 
 @dataclass
@@ -152,7 +158,7 @@ class TorchAttnBackend(AttentionBackend):
         history = fb.req_to_token[:, :max_kv].index_select(0, rows)
         kv_idx = history.masked_fill(~valid, 0)
         group = _DecodeGroup(token_idx, kv_idx, seq)
-        group._masks[None] = valid.view(valid.shape[0], 1, 1, max_kv)  # the window-free mask is this test
+        group._masks[(None, None)] = valid.view(valid.shape[0], 1, 1, max_kv)  # the window-free mask is this test
         return group
 
     def forward(
@@ -166,25 +172,59 @@ class TorchAttnBackend(AttentionBackend):
         softcap: float | None,
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
+        chunk: int | None = None,
     ) -> torch.Tensor:
+        """sinks: one logit per query head that joins every softmax with a zero value (gpt-oss); chunk:
+        attention only inside the query's chunk of that many positions (Llama 4's chunked layers)."""
         pool = forward_batch.kv_pool
         k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
         T, H, _ = q.shape
         meta: TorchAttnMetadata = forward_batch.attn_metadata
+        opts = _Scores(scaling, softcap, sinks)
+        window = _Window(sliding_window, chunk)
         if meta.decode is not None and meta.decode.token_idx is None:
-            return _attend_decodes(q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap)
+            return _attend_decodes(q, k_buf, v_buf, meta.decode, opts, window)
         out = q.new_empty(T, H, v_buf.shape[-1])
         if meta.decode is not None:
-            out[meta.decode.token_idx] = _attend_decodes(
-                q, k_buf, v_buf, meta.decode, scaling, sliding_window, softcap
-            )
+            out[meta.decode.token_idx] = _attend_decodes(q, k_buf, v_buf, meta.decode, opts, window)
         if meta.shared is not None:
             sh = meta.shared
-            out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, scaling, sliding_window, softcap)
+            out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, opts, window)
         # A Python loop over prompt spans (a few per step), never over tokens.
         for sp in meta.extends:
-            out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, scaling, sliding_window, softcap)
+            out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, opts, window)
         return out
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Which past positions a query sees besides causality: a sliding window, and/or its chunk only."""
+
+    sliding: int | None = None
+    chunk: int | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.sliding is None and self.chunk is None
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """How a layer turns q.k into probabilities: the scale, Gemma 2's softcap, gpt-oss's per-head sinks.
+    Without softcap and sinks SDPA does it; otherwise the explicit form (_explicit_attention)."""
+
+    scaling: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # [H]
+
+    @property
+    def explicit(self) -> bool:
+        return self.softcap is not None or self.sinks is not None
+
+    def sinks_as(self, *shape: int) -> torch.Tensor | None:
+        """The sinks viewed to broadcast against scores [..., Lq, L] of a query layout (shape ends in Lq)."""
+        return None if self.sinks is None else self.sinks.reshape(*shape, 1)
 
 
 def gather_kv(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -203,9 +243,8 @@ def _attend_span(
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
     sp: _ExtendSpan,
-    scaling: float,
-    sliding_window: int | None,
-    softcap: float | None,
+    opts: _Scores,
+    window: _Window,
 ) -> torch.Tensor:
     """One prompt span -> [len, H, Dv]. Without a prefix, the step's own K/V are the whole history: no gather."""
     H = q.shape[1]
@@ -216,12 +255,14 @@ def _attend_span(
         k, v = gather_kv(k_buf, sp.kv_idx).to(q.dtype), gather_kv(v_buf, sp.kv_idx).to(q.dtype)
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     gqa = kh.shape[1] != H
-    if softcap is not None:
-        o = _softcapped_attention(qh, kh, vh, sp.mask(sliding_window, q.device), scaling, softcap)
-    elif sp.prefix == 0 and sliding_window is None:
+    scaling = opts.scaling
+    if opts.explicit:
+        mask = sp.mask(window.sliding, q.device, window.chunk)
+        o = _explicit_attention(qh, kh, vh, mask, opts, opts.sinks_as(1, H, 1))
+    elif sp.prefix == 0 and window.full:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
-        mask = sp.mask(sliding_window, q.device)
+        mask = sp.mask(window.sliding, q.device, window.chunk)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return o[0].transpose(0, 1)
 
@@ -231,15 +272,14 @@ def _attend_decodes(
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
     g: _DecodeGroup,
-    scaling: float,
-    sliding_window: int | None,
-    softcap: float | None,
+    opts: _Scores,
+    window: _Window,
 ) -> torch.Tensor:
     """The decode group -> [B, H, Dv], in span order."""
     q1 = q if g.token_idx is None else q.index_select(0, g.token_idx)  # [B, H, D]
     k = gather_kv(k_buf, g.kv_idx).to(q.dtype)  # [B, L, Hkv, D]
     v = gather_kv(v_buf, g.kv_idx).to(q.dtype)
-    return _decode_attention(q1, k, v, g.mask(sliding_window), scaling, softcap)
+    return _decode_attention(q1, k, v, g.mask(window.sliding, window.chunk), opts)
 
 
 def _attend_shared(
@@ -247,9 +287,8 @@ def _attend_shared(
     k_buf: torch.Tensor,
     v_buf: torch.Tensor,
     sh: SharedDecodeGroups,
-    scaling: float,
-    sliding_window: int | None,
-    softcap: float | None,
+    opts: _Scores,
+    window: _Window,
 ) -> torch.Tensor:
     """Shared decode groups -> [M, H, Dv] for the real members, in `sh.out_tokens` order.
 
@@ -264,11 +303,12 @@ def _attend_shared(
     qs = qs.permute(0, 2, 1, 3, 4).reshape(Gn, Hkv, Kmax * G, D)
     kh = gather_kv(k_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)  # [Gn, Hkv, L, D]
     vh = gather_kv(v_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)
-    mask = sh.mask(sliding_window, G)
-    if softcap is None:
-        o = F.scaled_dot_product_attention(qs, kh, vh, attn_mask=mask, scale=scaling)
-    else:
-        o = _softcapped_attention(qs, kh, vh, mask, scaling, softcap)
+    mask = sh.mask(window.sliding, G, window.chunk)
+    if not opts.explicit:
+        o = F.scaled_dot_product_attention(qs, kh, vh, attn_mask=mask, scale=opts.scaling)
+    else:  # query axis: member-major, then the G heads of the KV head
+        sinks = None if opts.sinks is None else opts.sinks.view(Hkv, 1, G).expand(Hkv, Kmax, G)
+        o = _explicit_attention(qs, kh, vh, mask, opts, None if sinks is None else sinks.reshape(1, Hkv, -1, 1))
     Dv = o.shape[-1]
     o = o.view(Gn, Hkv, Kmax, G, Dv).permute(0, 2, 1, 3, 4).reshape(Gn * Kmax, H, Dv)
     return o.index_select(0, sh.out_rows)
@@ -279,8 +319,7 @@ def _decode_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor,
-    scaling: float,
-    softcap: float | None,
+    opts: _Scores,
 ) -> torch.Tensor:
     """One query per span: q [B, H, D], k/v [B, L, Hkv, D], mask [B, 1, 1, L] -> [B, H, Dv].
 
@@ -293,23 +332,35 @@ def _decode_attention(
     Hkv = k.shape[2]
     qg = q.view(B, Hkv, H // Hkv, D)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask, scale=scaling)
+    if not opts.explicit:
+        out = F.scaled_dot_product_attention(qg, kh, vh, attn_mask=mask, scale=opts.scaling)
     else:
-        out = _softcapped_attention(qg, kh, vh, mask, scaling, softcap)
+        out = _explicit_attention(qg, kh, vh, mask, opts, opts.sinks_as(1, Hkv, H // Hkv))
     return out.reshape(B, H, -1)
 
 
-def _softcapped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float, softcap: float
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    opts: _Scores,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    # SDPA has no softcap, so this is the explicit form: softcap * tanh(scores / softcap) before the mask.
+    """What SDPA cannot do: softcap * tanh(scores / softcap) before the mask, and sink logits that join the
+    softmax (their probability goes to no value). q [.., Hq, Lq, D] with Hq a multiple of k's heads;
+    sinks broadcast against the scores' [.., Hq, Lq, 1]."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * opts.scaling
+    if opts.softcap is not None:
+        scores = torch.tanh(scores / opts.softcap) * opts.softcap
+    scores = scores.masked_fill(~mask, float("-inf")).float()
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
