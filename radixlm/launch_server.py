@@ -10,12 +10,14 @@ behind. Request size and header limits: server/limits.py.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import uvicorn
 
 from radixlm.server.drain import DEFAULT_SHUTDOWN_TIMEOUT_S, DrainingServer
 from radixlm.server.limits import LimitedApp, add_limit_args, limits_from_args
+from radixlm.server.parsers import REASONING_PARSERS, TOOL_PARSERS
 from radixlm.server.startup import UserError, add_startup_args, reserve_port, resolve_model
 
 
@@ -48,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Seconds running requests get to finish after SIGTERM; those still running then end with a "
         f"503 error (default: {DEFAULT_SHUTDOWN_TIMEOUT_S:g}).",
     )
+    net.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help="How tool calls are written in the model's text, for tool_choice auto: hermes (qwen, qwen25: "
+        "<tool_call> JSON), llama3 (llama3_json), mistral ([TOOL_CALLS]), pythonic "
+        "(default: the chat template's format, when only one format's marker is in it).",
+    )
+    net.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=sorted(REASONING_PARSERS),
+        help="Split <think> reasoning into reasoning_content: deepseek-r1 (deepseek_r1), qwen3 "
+        "(default: none; reasoning stays in content).",
+    )
     add_limit_args(net)
     add_startup_args(parser, net)
     add_engine_args(parser)
@@ -60,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from radixlm.cli_args import config_from_args
 
     try:
-        resolve_model(ns)
+        model_notice = resolve_model(ns)
     except UserError as exc:
         return _user_error(exc)
     try:
@@ -96,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.log_level == "debug":
             raise
         return _user_error(exc)
+    if model_notice:
+        logging.getLogger("radixlm").info("%s", model_notice)
     try:
         app = create_app(
             engine,
@@ -104,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             enable_metrics=config.enable_metrics,
             strict_model_name=ns.strict_model_name,
             metrics_prefixes=tuple(ns.metrics_prefix),
+            tool_call_parser=ns.tool_call_parser,
+            reasoning_parser=ns.reasoning_parser,
         )
         server = _Server(
             uvicorn.Config(

@@ -179,6 +179,9 @@ class ModelInfo:
     max_running_requests: int
     eos_token_ids: list[int] = field(default_factory=list)
     runtime: dict[str, Any] = field(default_factory=dict)  # the resolved RuntimeConfig
+    quantization: str = "none"  # the weight quantization method that runs (EngineConfig.quantization)
+    weight_bytes: int = 0  # bytes of this rank's weights as held (quantized weights and their scales)
+    checkpoint_format: str = ""  # safetensors, pt or gguf (with the GGUF tensor types, dequantized at load)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

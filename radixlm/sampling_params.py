@@ -8,6 +8,7 @@ ValueError that names the field, and nothing downstream needs to re-check it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import reprlib
@@ -18,6 +19,9 @@ from typing import Any
 # Temperatures below this are treated as greedy: dividing logits by a near-zero temperature overflows
 # float32 to inf and softmax turns that into NaN, while the limit of such a distribution is the argmax.
 GREEDY_TEMPERATURE_EPS = 1e-6
+
+# The constraint keys a request may give (at most one), in the order SamplingParams.grammar reads them.
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 # Every integer crosses to the core as msgpack, which holds 64 bits: a larger one would fail there, far
@@ -100,6 +104,13 @@ class SamplingParams:
     # OpenAI's: token id -> a value in [-100, 100] added to that token's logit before sampling (and before
     # a greedy argmax). JSON keys are strings, so decimal-string ids are accepted and become ints.
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Constrained decoding (SGLang's keys; at most one): a JSON schema (a str of JSON, or a dict/bool that
+    # becomes one), a regular expression, an EBNF grammar, or an xgrammar structural tag (JSON). The core
+    # compiles it (core/grammar.py) and the sampler masks every token the grammar does not allow.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _as_int("max_new_tokens", self.max_new_tokens, "an int >= 0")
@@ -157,6 +168,45 @@ class SamplingParams:
             self.seed = _as_int("seed", self.seed, "an int or None")
 
         self.logit_bias = self._check_logit_bias(self.logit_bias)
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        given = [name for name in GRAMMAR_KINDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"sampling_params.{given[1]} cannot be combined with sampling_params.{given[0]}: "
+                "give one constraint per request"
+            )
+        for name in ("json_schema", "structural_tag"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping) or (name == "json_schema" and isinstance(value, bool)):
+                # Key order is kept: a schema's property order is the order the output writes them in.
+                setattr(self, name, json.dumps(value, ensure_ascii=False))
+            elif isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except ValueError as exc:
+                    raise _field_error(name, f"valid JSON ({exc})", value) from None
+                if not isinstance(parsed, dict) and not (name == "json_schema" and isinstance(parsed, bool)):
+                    raise _field_error(name, "a JSON object", value)
+            elif value is not None:
+                raise _field_error(name, "a JSON object or a string of one", value)
+        for name in ("regex", "ebnf"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _field_error(name, "a non-empty str", value)
+        for name in given:
+            if not is_valid_text(getattr(self, name)):
+                raise _field_error(name, "valid Unicode text (no lone surrogates)", getattr(self, name))
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the request's constraint, or None: also the key compiled grammars are cached by."""
+        for name in GRAMMAR_KINDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @staticmethod
     def _check_stop(stop: Any) -> list[str]:

@@ -101,6 +101,14 @@ BAD_VALUES = [
     ("logit_bias", {"-3": 1.0}),
     ("logit_bias", {True: 1.0}),
     ("logit_bias", [[5, 1.0]]),
+    ("json_schema", "{not json"),
+    ("json_schema", "[1, 2]"),  # valid JSON, but not a schema object
+    ("json_schema", 5),
+    ("regex", ""),
+    ("regex", 3),
+    ("ebnf", ["root ::= x"]),
+    ("structural_tag", "true"),
+    ("structural_tag", "\ud800"),
 ]
 
 

@@ -3,6 +3,8 @@
     radixlm bench offline                      # 64 random requests, qwen2 0.5b (random weights, bf16)
     radixlm bench prefix --workload both       # shared system prompts, and multi-turn chats
     radixlm bench serving --backend both --request-rate 4
+    radixlm bench quant                        # decode tok/s of bf16 vs int8 / int4 weight-only, and quality
+    radixlm bench lang                         # a few-shot select + gen program vs the OpenAI API, cache off
 
 Without --model-path, the Qwen2.5-0.5B-shaped qwen2 folder from radixlm.testing is written locally (once)
 and used: nothing is downloaded. See BENCHMARKS.md for what each baseline does and how tokens are counted.
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=(8, 16),
         help="static batch sizes for generate (default 8,16)",
     )
+    p.add_argument(
+        "--json-schema",
+        default=None,
+        help="also run radixlm with this JSON schema (text, a file, or 'default') on every request, and "
+        "report the throughput it costs",
+    )
     _add_common(p)
     _add_hf_args(p)
     add_vllm_args(p)
@@ -141,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_overhead_args(p)
     _add_common(p)
+
+    p = sub.add_parser("quant", help="decode tok/s: bf16 vs int8 / int4 weight-only; quality on SmolLM2")
+    from radixlm.bench.quant import add_quant_args
+
+    add_quant_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("lang", help="a few-shot program: radixlm's language vs the OpenAI API, cache off")
+    from radixlm.bench.lang import add_lang_args
+
+    add_lang_args(p)
+    _add_common(p)
     return parser
 
 
@@ -164,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             skip_generate_batch=ns.skip_generate_batch,
             cb=_cb_options(ns),
             vllm=options_from_args(ns),
+            json_schema=_json_schema_arg(ns.json_schema),
         )
         reports = [run_offline(config_from_args(ns), opts)]
     elif ns.bench == "prefix":
@@ -202,6 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             with open(ns.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
+    elif ns.bench == "lang":
+        from radixlm.bench.lang import run_lang_bench
+
+        run_lang_bench(ns)
+        return 0
+    elif ns.bench == "quant":
+        from radixlm.bench.quant import run_quant_bench
+
+        run_quant_bench(ns)
+        return 0
     elif ns.bench == "overhead":
         from radixlm.bench.overhead import run_overhead_from_args
 
@@ -221,3 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         write_json(ns.json, reports)
         print(f"\nresults written to {ns.json}")
     return 0
+
+
+def _json_schema_arg(value: str | None) -> str | None:
+    """--json-schema: JSON text, a file holding it, or 'default' (offline.DEFAULT_BENCH_SCHEMA)."""
+    if value is None:
+        return None
+    if value == "default":
+        from radixlm.bench.offline import DEFAULT_BENCH_SCHEMA
+
+        return DEFAULT_BENCH_SCHEMA
+    import pathlib
+
+    path = pathlib.Path(value)
+    return path.read_text() if not value.lstrip().startswith("{") and path.is_file() else value

@@ -57,11 +57,14 @@ def start_engine(config: EngineConfig, warmup: Sequence[Job]) -> Any:
     return engine
 
 
-def run_radixlm(engine: Any, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], float]:
-    """All jobs in one `generate` call (the engine schedules them); returns its outputs and seconds."""
+def run_radixlm(
+    engine: Any, jobs: Sequence[Job], extra: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """All jobs in one `generate` call (the engine schedules them); returns its outputs and seconds.
+    `extra`: sampling params added to every request (e.g. a json_schema)."""
     start = time.perf_counter()
     outs = engine.generate(
-        input_ids=[p for p, _ in jobs], sampling_params=[radixlm_params(n) for _, n in jobs]
+        input_ids=[p for p, _ in jobs], sampling_params=[{**radixlm_params(n), **(extra or {})} for _, n in jobs]
     )
     return outs, time.perf_counter() - start
 

@@ -2,6 +2,7 @@
 
 Systems, one after another on the same requests (one model in memory at a time):
   radixlm                              Engine.generate over all requests at once (ignore_eos, greedy)
+  radixlm + json_schema (--json-schema) the same requests, each constrained by the schema, same engine
   transformers generate (batch N)      static batches of N in arrival order, left-padded; see hf_baselines
   transformers generate_batch (CB)     transformers' continuous batching, per-request max_new_tokens
   vLLM (optional, --vllm-python)       one LLM.generate over all requests, in vLLM's own process; see
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixlm.bench import hf_baselines as hf
 from radixlm.bench import vllm_baseline as vb
@@ -43,6 +45,18 @@ class OfflineOptions:
     skip_generate_batch: bool = False
     cb: hf.ContinuousBatchingOptions = field(default_factory=hf.ContinuousBatchingOptions)
     vllm: vb.VllmOptions | None = None  # None: no vLLM row
+    # A JSON schema (text) put on every request for a second radixlm row: what constrained decoding costs.
+    json_schema: str | None = None
+
+
+# --json-schema default: a schema no request can complete within --max-output tokens (the string needs
+# more characters than that), so every constrained request decodes exactly as many tokens as the
+# unconstrained one and the two rows compare the same work; the mask still changes every step.
+DEFAULT_BENCH_SCHEMA = (
+    '{"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999}, '
+    '"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}, '
+    '"text": {"type": "string", "minLength": 2048}}, "required": ["id", "tags", "text"]}'
+)
 
 
 def _log(msg: str) -> None:
@@ -91,7 +105,9 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
     engine = start_engine(config, warmup)
     try:
         outs, seconds = run_radixlm(engine, jobs)
-        report.add(radixlm_result("radixlm", jobs, outs, seconds))
+        base = report.add(radixlm_result("radixlm", jobs, outs, seconds))
+        if opts.json_schema is not None:
+            _run_constrained(report, engine, base, jobs, warmup, opts.json_schema, log)
     finally:
         engine.shutdown()
 
@@ -100,6 +116,48 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
         _run_vllm(report, config, opts, jobs, warmup, [o["output_ids"] for o in outs], log)
     add_headlines(report, statics)
     return report
+
+
+def _run_constrained(
+    report: BenchReport,
+    engine: Any,
+    base: SystemResult,
+    jobs: list[Job],
+    warmup: list[Job],
+    schema: str,
+    log: Callable[[str], None],
+) -> None:
+    """The same requests with the schema on each, on the same engine with the cache flushed before every
+    run; the grammar is compiled by a warmup first (compiling is once per schema: this measures the
+    per-step masks). Constrained and unconstrained runs alternate and each side keeps its best of two, so
+    a shared machine's load drift does not pass for the grammar's cost."""
+    extra = {"json_schema": schema}
+    engine.flush_cache()
+    run_radixlm(engine, warmup, extra)
+    best_plain, best = base, None
+    for attempt in range(2):
+        log(f"radixlm + json_schema: {len(jobs)} requests (run {attempt + 1} of 2)")
+        engine.flush_cache()
+        outs, seconds = run_radixlm(engine, jobs, extra)
+        res = radixlm_result("radixlm + json_schema", jobs, outs, seconds)
+        best = res if best is None or res.tok_per_s > best.tok_per_s else best
+        if attempt == 0:
+            engine.flush_cache()
+            outs, seconds = run_radixlm(engine, jobs)
+            again = radixlm_result("radixlm", jobs, outs, seconds)
+            best_plain = again if again.tok_per_s > best_plain.tok_per_s else best_plain
+    assert best is not None
+    res = report.add(best)
+    res.notes.append(
+        "every request constrained by --json-schema (xgrammar bitmask each step); best of 2 runs, "
+        f"interleaved with unconstrained ones (best unconstrained: {best_plain.tok_per_s:.1f} out tok/s)"
+    )
+    if best_plain.tok_per_s > 0:
+        kept = res.tok_per_s / best_plain.tok_per_s
+        report.headlines.append(
+            f"json_schema on every request: {kept:.2f}x of unconstrained output tok/s "
+            f"({(1 - kept) * 100:.1f}% cost, batch {len(jobs)}, best of 2 each)"
+        )
 
 
 def _run_vllm(

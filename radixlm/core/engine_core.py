@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import Future, wait
 from typing import Any
 
 from radixlm.config import EngineConfig, RuntimeConfig
+from radixlm.core.grammar import BitmaskBuffer, GrammarCompiler
 from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import make_policy
 from radixlm.core.scheduler import Scheduler, Span
@@ -30,13 +32,16 @@ from radixlm.kv.no_prefix_cache import NoPrefixCache
 from radixlm.kv.page_allocator import PageAllocator
 from radixlm.kv.radix_cache import RadixCache
 from radixlm.kv.req_to_token import ReqToToken
-from radixlm.messages import AddRequest, FinishReason, ModelInfo, RequestOutput
+from radixlm.messages import ABORT_CLIENT, ABORT_REFUSED, AddRequest, FinishReason, ModelInfo, RequestOutput
 from radixlm.model.prompt_logprobs import ForwardOutput
 from radixlm.model.runner import ModelRunner
 from radixlm.model.sampler import SamplerOutput
 from radixlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# How long an otherwise idle step waits for a grammar compile before it returns to the message loop.
+_GRAMMAR_POLL_S = 0.02
 
 
 class EngineCore:
@@ -63,6 +68,16 @@ class EngineCore:
             config.tokenizer_path or str(self.runner.model_path), self.runner.eos_token_ids
         )
         self._rng = random.Random(config.random_seed)
+        self.grammar: GrammarCompiler | None = None
+        if config.grammar_backend == "xgrammar":
+            self.grammar = GrammarCompiler(
+                config.tokenizer_path or str(self.runner.model_path),
+                self.runner.vocab_size,
+                list(self.runner.eos_token_ids),
+            )
+        self._bitmask = BitmaskBuffer(self.runner.vocab_size)
+        # AddRequests whose grammar is still compiling: they join the scheduler when it is done.
+        self._compiling: list[tuple[AddRequest, SamplingParams, Future]] = []
         self._requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_tokens_computed = 0  # every token a forward pass computed (prefix hits are not computed)
@@ -82,6 +97,22 @@ class EngineCore:
             )
         if params.max_new_tokens > room:
             params = SamplingParams.from_any({**params.to_dict(), "max_new_tokens": room})
+        if params.grammar is not None:
+            if self.grammar is None:
+                raise ValueError(
+                    f"sampling_params.{params.grammar[0]} needs constrained decoding, which this engine was "
+                    "started without (--grammar-backend none)"
+                )
+            # Compiled off the step path; a grammar already in the cache lets the request in at once.
+            fut = self.grammar.compile(params.grammar)
+            if not (fut.done() and fut.exception() is None):
+                self._compiling.append((msg, params, fut))
+                return
+            self._enqueue(msg, params, fut.result())
+            return
+        self._enqueue(msg, params, None)
+
+    def _enqueue(self, msg: AddRequest, params: SamplingParams, compiled: Any) -> None:
         leader = None
         for k, rid in enumerate(msg.rids):
             # n samples of one prompt draw from distinct but reproducible streams
@@ -97,6 +128,8 @@ class EngineCore:
                 leader=leader,
                 logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1,
             )
+            if compiled is not None:
+                req.grammar = self.grammar.new_matcher(compiled)
             if leader is not None:
                 leader.followers.append(req)
             leader = leader or req
@@ -124,7 +157,8 @@ class EngineCore:
             raise ValueError("AddRequest.logprob_start_len must be an int in [-1, prompt length)")
         if not msg.rids or len(set(msg.rids)) != len(msg.rids):
             raise ValueError(f"AddRequest needs distinct request ids, got {msg.rids!r}")
-        taken = [rid for rid in msg.rids if rid in self._requests]
+        compiling = {rid for m, _, _ in self._compiling for rid in m.rids}
+        taken = [rid for rid in msg.rids if rid in self._requests or rid in compiling]
         if taken:
             raise ValueError(f"request id {taken[0]!r} is already in use")
         n = len(msg.input_ids)
@@ -135,6 +169,12 @@ class EngineCore:
             )
 
     def abort(self, rid: str, message: str) -> RequestOutput | None:
+        for msg, _, _ in self._compiling:
+            if rid in msg.rids:  # not yet a Request: the other samples of its prompt still go ahead
+                msg.rids.remove(rid)
+                self._compiling = [c for c in self._compiling if c[0].rids]
+                reason = FinishReason.abort(ABORT_CLIENT, message)
+                return RequestOutput(rid, [], reason, len(msg.input_ids), 0, 0)
         req = self.scheduler.abort(rid, message)
         if req is None:
             return None
@@ -142,14 +182,34 @@ class EngineCore:
         return self._output(req, [], [], [])
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._compiling)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar compiled join the scheduler; those whose grammar failed are refused."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_work():  # nothing else to do: wait a little rather than spin
+            wait([f for _, _, f in self._compiling], timeout=_GRAMMAR_POLL_S, return_when="FIRST_COMPLETED")
+        outputs, still = [], []
+        for msg, params, fut in self._compiling:
+            if not fut.done():
+                still.append((msg, params, fut))
+            elif fut.exception() is not None:
+                reason = FinishReason.abort(ABORT_REFUSED, str(fut.exception()))
+                outputs += [RequestOutput(rid, [], reason, len(msg.input_ids), 0, 0) for rid in msg.rids]
+            else:
+                self._enqueue(msg, params, fut.result())
+        self._compiling = still
+        return outputs
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._admit_compiled()
         step = self.scheduler.schedule()
-        outputs = self._drain_scheduler_aborts()
+        outputs += self._drain_scheduler_aborts()
         if step is None:
             return outputs
+        self._fill_grammar_masks(step.sampling_spans, step.step_input)
         self.num_steps += 1
         self.num_tokens_computed += step.num_tokens
         fwd = self.runner.forward(step.step_input)
@@ -166,6 +226,15 @@ class EngineCore:
         # Prompt chunks (and waiting n > 1 samples) that reported prompt logprobs and nothing else.
         outputs += [self._output(req, [], [], [], lps, tops) for req, (lps, tops) in prompt.items()]
         return outputs
+
+    def _fill_grammar_masks(self, spans: list[Span], step_input: Any) -> None:
+        """The bitmask of every sampling row a grammar constrains, into the StepInput (the runner and the
+        other tensor-parallel ranks read it from there)."""
+        grammars = [span.req.grammar for span in spans]
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        if rows:
+            step_input.grammar_rows = rows
+            step_input.grammar_bitmask = self._bitmask.fill(grammars)
 
     def _prompt_logprobs(self, spans: list[Span], fwd: ForwardOutput) -> dict[Request, tuple[list, list]]:
         """The step's prompt logprobs per request: (values, top alternatives per value)."""
@@ -221,11 +290,24 @@ class EngineCore:
                 if req.top_logprobs_num and top_ids is not None:
                     k = req.top_logprobs_num
                     new_top = [list(zip(top_ids[i][:k], top_vals[i][:k]))]
-            reason = self.stop_checker.check(req, context)
+            reason = self._grammar_end(req, tokens[i]) if req.grammar is not None else None
+            if reason is None:
+                reason = self.stop_checker.check(req, context)
             if reason is not None:
                 self._finish(req, reason)
             outputs.append(self._output(req, [tokens[i]], new_lp, new_top, *prompt.pop(req, ([], []))))
         return outputs
+
+    @staticmethod
+    def _grammar_end(req: Request, token: int) -> FinishReason | None:
+        """Advance the request's grammar by its new token: the grammar's end is a stop (at that token)."""
+        if not req.grammar.accept(token):
+            # The mask allows only accepted tokens; this means a mask and a matcher disagree.
+            logger.error("request %s: the grammar rejected sampled token %d", req.rid, token)
+            return FinishReason.abort(ABORT_REFUSED, f"the grammar rejected the sampled token {token}")
+        if req.grammar.is_terminated:
+            return FinishReason.stop(token)
+        return None
 
     def _drain_scheduler_aborts(self) -> list[RequestOutput]:
         outs = []
@@ -251,7 +333,9 @@ class EngineCore:
 
     # ---- management ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Release what outlives the object: the other tensor-parallel ranks' processes."""
+        """Release what outlives the object: the other tensor-parallel ranks' processes, the compile thread."""
+        if self.grammar is not None:
+            self.grammar.close()
         self.runner.close()
 
     def flush_cache(self) -> tuple[bool, str]:
@@ -271,6 +355,7 @@ class EngineCore:
             "cache_evictable": cache.evictable_size,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_grammar_compiling": sum(len(m.rids) for m, _, _ in self._compiling),
             "num_retractions": self.scheduler.num_retractions,
             "num_steps": self.num_steps,
             "num_tokens_computed": self.num_tokens_computed,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixlm.kv.kv_manager import KVState
 from radixlm.messages import FinishReason
@@ -48,6 +49,9 @@ class Request:
     cached_tokens: int = 0  # prefix-cache hit at first admission
     finish_reason: FinishReason | None = None
     num_retractions: int = 0
+    # Constrained decoding: this sample's grammar matcher (core/grammar.RequestGrammar), or None. Kept across
+    # a retraction: it has seen exactly the output tokens, which a retraction keeps.
+    grammar: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         k = self.logprob_start_len

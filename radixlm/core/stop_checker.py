@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from radixlm.core.request import Request
 from radixlm.messages import FinishReason
 
@@ -43,5 +45,9 @@ class StopChecker:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            path = Path(self.tokenizer_path)
+            if path.suffix.lower() == ".gguf" and path.is_file():  # tokenizer from the GGUF metadata
+                self._tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            else:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         return self._tokenizer

@@ -37,7 +37,7 @@ from radixlm.messages import (
     GetServerInfo,
     StepOutputs,
 )
-from radixlm.sampling_params import SamplingParams
+from radixlm.sampling_params import GRAMMAR_KINDS, SamplingParams
 
 logger = logging.getLogger("radixlm")
 
@@ -171,10 +171,10 @@ class Engine:
             logprob_start_len=logprob_start_len,
         )
         # Text is tokenized on a worker thread: a long prompt takes seconds, and the caller's loop (the
-        # server's) must keep answering meanwhile. Token ids need no tokenizer and stay here.
-        call = (
-            prepare() if prompt is None else await asyncio.get_running_loop().run_in_executor(None, prepare)
-        )
+        # server's) must keep answering meanwhile. Token ids need no tokenizer and stay here, unless a
+        # constraint must be checked (parsing a large schema, or the first import of xgrammar, takes long).
+        on_thread = prompt is not None or _has_constraint(sampling_params)
+        call = await asyncio.get_running_loop().run_in_executor(None, prepare) if on_thread else prepare()
         gen = self._run(call, stream)
         if stream:
             return gen
@@ -393,3 +393,16 @@ def _setup_logging(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[radixlm %(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
+
+
+def _has_constraint(sampling_params: Any) -> bool:
+    """Whether any of a call's sampling params (a dict, a SamplingParams, or a list of them) sets a
+    constraint (json_schema, regex, ebnf, structural_tag)."""
+    items = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+    for p in items:
+        if isinstance(p, SamplingParams):
+            if p.grammar is not None:
+                return True
+        elif isinstance(p, dict) and any(p.get(k) is not None for k in GRAMMAR_KINDS):
+            return True
+    return False

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from radixlm.frontend.grammar_check import check_grammar
 from radixlm.sampling_params import SamplingParams, is_valid_text, short_repr
 
 MAX_TOP_LOGPROBS = 20
@@ -92,6 +93,7 @@ def prepare_call(
     check_logprob_start_len(logprob_start_len, ids_list if return_logprob else [])
     for p in params:
         check_logit_bias(p, model_info)
+        check_grammar(p, model_info)
     counts = [p.n for p in params]
     rids = _rids(rid, sum(counts), in_use)
     groups, start = [], 0

@@ -205,6 +205,15 @@ def _decode_path(tokenizer: Any) -> tuple[Any, bool]:
     return None, False
 
 
+def gguf_aware_source(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """from_pretrained arguments for a tokenizer path: a .gguf file is its folder plus `gguf_file=`
+    (transformers builds the tokenizer and chat template from the file's metadata)."""
+    p = Path(path)
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return str(path), {}
+
+
 class TokenizerManager:
     def __init__(
         self,
@@ -215,8 +224,9 @@ class TokenizerManager:
     ) -> None:
         from transformers import AutoTokenizer
 
+        source, gguf_kwargs = gguf_aware_source(tokenizer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(
-            str(tokenizer_path), trust_remote_code=trust_remote_code
+            source, trust_remote_code=trust_remote_code, **gguf_kwargs
         )
         self.chat_template = _read_chat_template(chat_template)
         self.detokenizer = BatchDetokenizer(self.tokenizer)
@@ -231,8 +241,10 @@ class TokenizerManager:
         *,
         add_generation_prompt: bool = True,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """`template_kwargs`: extra variables for the template (vLLM's chat_template_kwargs)."""
+        """`template_kwargs`: extra variables for the template (vLLM's chat_template_kwargs). `tools`: the
+        OpenAI tool definitions, which the template renders (transformers' `tools=`)."""
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError(
@@ -244,6 +256,7 @@ class TokenizerManager:
             chat_template=template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
             **(template_kwargs or {}),
         )
         # The template already wrote any BOS it wants; encoding must not add a second one.

@@ -45,6 +45,8 @@ class VocabParallelEmbedding(nn.Module):
         )
         # The head's matmul prepacked (layers.packed_linear); lookups keep reading the dense weight.
         self.packed: PackedWeight | None = None
+        # The head's matmul on a quantized copy (model.quantization), lookups still on the float rows.
+        self.quant = None
 
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None
@@ -70,7 +72,12 @@ class VocabParallelEmbedding(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, dim] -> logits [S, num_embeddings]; also serves as the head when embeddings are tied."""
-        logits = self.packed(hidden) if self.packed is not None else F.linear(hidden, self.weight)
+        if self.quant is not None:
+            logits = self.quant(hidden)
+        elif self.packed is not None:
+            logits = self.packed(hidden)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             import torch.distributed as dist
 

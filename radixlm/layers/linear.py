@@ -17,7 +17,7 @@ would drop such an attribute. The model's ``load_weights`` finds the owning modu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,32 @@ from torch import nn
 
 if TYPE_CHECKING:
     from radixlm.layers.packed_linear import PackedWeight
+
+
+class QuantizedMatmul(Protocol):
+    """What a quantization method hands a layer (model/quantization/base.py's QuantizedWeight)."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class QuantizedLinear(nn.Module):
+    """Takes the place of a Transformers model's nn.Linear once its weight is quantized (DESIGN.md, the
+    Transformers backend, 8): the packed weight and the float bias, nothing else."""
+
+    def __init__(self, quant: QuantizedMatmul, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.quant = quant
+        self.in_features, self.out_features = quant.in_features, quant.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {type(self.quant).__name__}"
 
 
 def check_shape(loaded: torch.Tensor, expected: tuple[int, ...] | torch.Size) -> None:
@@ -82,8 +108,13 @@ class LinearBase(nn.Module):
         # Set by layers.packed_linear.prepack_linears when a prepacked CPU kernel is faster for this shape
         # (the dense weight is then dropped); None: plain F.linear.
         self.packed: PackedWeight | None = None
+        # Set by model.quantization after load: the packed integer weight, called like F.linear (the float
+        # weight is then dropped). Duck-typed here: layers import nothing of model/.
+        self.quant: QuantizedMatmul | None = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant(x, bias)
         if self.packed is not None:
             return self.packed(x, bias)
         return F.linear(x, self.weight, bias)
@@ -99,6 +130,7 @@ class LinearBase(nn.Module):
 
     def extra_repr(self) -> str:
         packed = ", packed" if self.packed is not None else ""
+        packed += f", quantized {type(self.quant).__name__}" if self.quant is not None else ""
         return (
             f"in={self.in_per_rank}, out={self.out_per_rank}, bias={self.bias is not None}, "
             f"tp={self.tp_rank}/{self.tp_size}{packed}"

@@ -213,6 +213,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
         else:
             usable = isinstance(mod, LinearBase) or type(mod) is nn.Linear
         w = getattr(mod, "weight", None)
+        usable = usable and getattr(mod, "quant", None) is None  # a quantized matmul is not repacked
         if usable and isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype.is_floating_point:
             found.append((name, mod))
     return found

@@ -19,14 +19,17 @@ import torch
 from torch import nn
 
 from radixlm.messages import ModelLoadError
+from radixlm.model import gguf_loader
+from radixlm.model.lazy_tensor import LazyTensor
 
 logger = logging.getLogger(__name__)
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
-def resolve_model_path(model_path: str, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a Hub id, downloaded (or found in the local HF cache)."""
+def resolve_model_path(model_path: str, revision: str | None = None, load_format: str = "auto") -> Path:
+    """A local folder as is (its .gguf file when it holds GGUF weights); a .gguf file as is; otherwise a
+    Hub id, downloaded (or found in the local HF cache)."""
     if not model_path:
         from radixlm.testing import cached_model_folder
 
@@ -35,9 +38,17 @@ def resolve_model_path(model_path: str, revision: str | None = None) -> Path:
         return path
     local = Path(model_path).expanduser()
     if local.is_dir():
+        return gguf_loader.single_gguf(local) if checkpoint_format(local, load_format) == "gguf" else local
+    if gguf_loader.is_gguf_file(local):
+        if load_format not in ("auto", "gguf"):
+            raise ModelLoadError(
+                f"model_path {model_path!r} is a GGUF file, but load_format is {load_format!r}"
+            )
         return local
     if local.exists():
-        raise ModelLoadError(f"model_path {model_path!r} is a file; expected a model folder or a Hub id")
+        raise ModelLoadError(
+            f"model_path {model_path!r} is a file; expected a model folder, a .gguf file or a Hub id"
+        )
     if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:
         raise ModelLoadError(f"model_path {model_path!r}: no such folder")
     return _download_from_hub(model_path, revision)
@@ -59,8 +70,12 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
 def load_config(path: Path, *, trust_remote_code: bool, revision: str | None = None):
     from transformers import AutoConfig
 
+    if gguf_loader.is_gguf_file(path):
+        return gguf_loader.load_gguf_config(path)
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path / 'config.json'} not found: a model folder needs a config.json")
+        raise ModelLoadError(
+            f"{path / 'config.json'} not found: a model folder needs a config.json (or holds one .gguf file)"
+        )
     if not trust_remote_code and "auto_map" in json.loads((path / "config.json").read_text()):
         raise ModelLoadError(
             f"the model at {path} ships its own modeling code (auto_map in config.json); "
@@ -130,6 +145,46 @@ def materialize_params(model: nn.Module, device: torch.device, dtype: torch.dtyp
                 )
 
 
+def checkpoint_format(path: Path, load_format: str = "auto") -> str:
+    """Which weights a model path holds: "safetensors", "pt" (pytorch_model*.bin) or "gguf"; load_format
+    other than auto insists on one. A path with none of them is an error that lists what was looked for."""
+    if gguf_loader.is_gguf_file(path):
+        found = ["gguf"]
+    else:
+        found = [
+            fmt
+            for fmt, present in (
+                ("safetensors", any(path.glob("*.safetensors"))),
+                ("pt", any(path.glob("pytorch_model*.bin"))),
+                ("gguf", bool(gguf_loader.gguf_files(path))),
+            )
+            if present
+        ]
+    if load_format != "auto":
+        if load_format not in found:
+            raise ModelLoadError(
+                f"load_format {load_format!r}: no such weights in {path} (found: {', '.join(found) or 'none'})"
+            )
+        return load_format
+    if not found:
+        raise ModelLoadError(
+            f"no weights in {path}: looked for *.safetensors, pytorch_model*.bin and a .gguf (GGUF) file"
+        )
+    return found[0]
+
+
+def pt_files(path: Path) -> list[Path]:
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("pytorch_model*.bin"))
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"{f} is listed in pytorch_model.bin.index.json but missing")
+    return files
+
+
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -145,14 +200,32 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) pairs, one tensor in memory at a time."""
+def iter_checkpoint(
+    path: Path, config=None, load_format: str = "auto", lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) pairs: one tensor in memory at a time (one shard at a time for .bin files,
+    which torch.load reads whole). GGUF tensors come dequantized, under Hugging Face names.
+
+    lazy: safetensors tensors come as LazyTensors (model/lazy_tensor.py) that read only the part a weight
+    loader narrows them to (a tensor-parallel rank's slice); each must be used before the next is asked for.
+    """
+    fmt = checkpoint_format(path, load_format)
+    if fmt == "gguf":
+        yield from gguf_loader.iter_gguf_tensors(path, config)
+        return
+    if fmt == "pt":
+        for file in pt_files(path):
+            # weights_only: a .bin file is a pickle; only tensors and plain containers may come out of it.
+            shard = torch.load(file, map_location="cpu", weights_only=True)
+            yield from shard.items()
+            del shard
+        return
     from safetensors import safe_open
 
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+                yield name, (LazyTensor(f, name) if lazy else f.get_tensor(name))
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
@@ -185,9 +258,13 @@ def total_mem_bytes(device: torch.device) -> int | None:
     return None
 
 
-def eos_token_ids(model_path: Path) -> list[int]:
-    """The model's end-of-sequence ids: generation_config.json's and config.json's, merged."""
+def eos_token_ids(model_path: Path, config=None) -> list[int]:
+    """The model's end-of-sequence ids: generation_config.json's and config.json's, merged (a GGUF file's
+    come from its metadata, through `config`)."""
     ids: set[int] = set()
+    if gguf_loader.is_gguf_file(model_path) and config is not None:
+        value = getattr(config, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)])
     for source in (model_path / "generation_config.json", model_path / "config.json"):
         if source.is_file():
             value = json.loads(source.read_text()).get("eos_token_id")

@@ -14,7 +14,7 @@ from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
-from radixlm.model import loader, parallel
+from radixlm.model import lazy_tensor, loader, parallel, quantization
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.prompt_logprobs import ForwardOutput, score_prompt
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
@@ -31,7 +31,7 @@ def param_bytes(model: torch.nn.Module) -> int:
         packed = getattr(mod, "packed", None)
         if packed is not None and getattr(mod, "weight", None) is None:  # the dense copy was dropped
             total += packed.out_features * packed.in_features * packed.packed.element_size()
-    return total
+    return total + quantization.quantized_bytes(model)
 
 
 class ModelRunner:
@@ -56,23 +56,39 @@ class ModelRunner:
             raise
 
     def _load(self, config: EngineConfig) -> None:
-        self.model_path: Path = loader.resolve_model_path(config.model_path, config.revision)
+        self.model_path: Path = loader.resolve_model_path(
+            config.model_path, config.revision, config.load_format
+        )
         self.hf_config = loader.load_config(
             self.model_path, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
         self.text_config = loader.text_config(self.hf_config)
         self.dtype = loader.resolve_dtype(self.text_config, config.dtype)
         self.choice: ImplChoice = choose_impl(self.hf_config, config.model_impl)
+        # Before any weight is read: a checkpoint quantized by a method we cannot run fails now, by name.
+        self.checkpoint_format = loader.checkpoint_format(self.model_path, config.load_format)
+        self.quantization = quantization.resolve_method(
+            config.quantization, self.hf_config, self.checkpoint_format
+        )
         logger.info(
             "model %s: %s implementation (%s)", self.choice.architecture, self.choice.impl, self.choice.reason
         )
         self.model = self._load_model()
         # Every rank's parameter bytes (rank 0 reports them): what the split saves, measured, not assumed.
         self.rank_param_bytes = [param_bytes(self.model)]
+        logger.info(
+            "weights: %.1f MiB on this rank (%s checkpoint, %s)",
+            self.rank_param_bytes[0] / 2**20,
+            self.checkpoint_format,
+            self.quant_report.summary(),
+        )
+        self.rank_bytes_read: list[int] = []
         if self.tp_size > 1:
             self.rank_param_bytes = parallel.gather_ints(self.rank_param_bytes[0], self.device)
+            read = self.checkpoint_bytes_read
+            self.rank_bytes_read = parallel.gather_ints(-1 if read is None else read, self.device)
         self.vocab_size = int(self.text_config.vocab_size)
-        self.eos_token_ids = loader.eos_token_ids(self.model_path)
+        self.eos_token_ids = loader.eos_token_ids(self.model_path, self.text_config)
         self.attn_backend = TorchAttnBackend()
         self.sampler = Sampler()
         self.runtime: RuntimeConfig | None = None
@@ -91,11 +107,14 @@ class ModelRunner:
             parallel.init_group(self.tp_rank, self.tp_size, init_method, self.device)
 
     def _load_model(self) -> torch.nn.Module:
+        # The dtype weights load in; the model takes self.dtype once quantized (quantization.load_dtype).
+        load_dtype = quantization.load_dtype(self.quantization, self.dtype)
+        reader = quantization.checkpoint_reader(self.quantization, self.hf_config, self.tp_size)
         if self.choice.impl == "native":
             cls = native_architectures()[self.choice.architecture]
             with loader.params_on_meta():
                 model = cls(self.text_config, tp_rank=self.tp_rank, tp_size=self.tp_size)
-            loader.materialize_params(model, self.device, self.dtype)
+            loader.materialize_params(model, self.device, load_dtype)
         else:
             from radixlm.model.transformers_backend import TransformersCausalLM
 
@@ -103,17 +122,26 @@ class ModelRunner:
                 self.hf_config,
                 self.model_path,
                 trust_remote_code=self.config.trust_remote_code,
-                dtype=self.dtype,
+                dtype=load_dtype,
                 tp_rank=self.tp_rank,
                 tp_size=self.tp_size,
             )
+        # A rank of a split reads only its slices; a checkpoint format that groups tensors (fp8, gptq) holds
+        # them across the stream, so it reads them whole.
+        lazy = self.tp_size > 1 and not quantization.streams_checkpoint(self.quantization)
+        read_before = lazy_tensor.READ.bytes
         loaded = model.load_weights(
-            (name, t.to(self.dtype) if t.is_floating_point() else t)
-            for name, t in loader.iter_checkpoint(self.model_path)
+            (name, t.to(load_dtype) if t.is_floating_point() else t)
+            for name, t in reader(
+                loader.iter_checkpoint(self.model_path, self.text_config, self.config.load_format, lazy=lazy)
+            )
         )
+        self.checkpoint_bytes_read = lazy_tensor.READ.bytes - read_before if lazy else None
         loader.check_all_loaded(model, loaded)
-        model.to(device=self.device, dtype=self.dtype)
+        model.to(device=self.device, dtype=load_dtype)
         model.eval()
+        self.quant_report = quantization.quantize_model(model, self.quantization, self.dtype, reader)
+        model.to(dtype=self.dtype)
         self.linear_kernels = prepack_linears(
             model, self.config.linear_kernel, self.device, self.dtype, default_decision_file()
         )
@@ -187,10 +215,15 @@ class ModelRunner:
             kv_capacity=self.runtime.kv_capacity,
             max_running_requests=self.runtime.max_running_requests,
             eos_token_ids=list(self.eos_token_ids),
+            quantization=self.quantization,
+            weight_bytes=self.rank_param_bytes[0],
+            checkpoint_format=self.checkpoint_format,
             runtime={
                 **self.runtime.as_dict(),
                 "tp_size": self.tp_size,
                 "param_bytes_per_rank": list(self.rank_param_bytes),
+                # Checkpoint bytes each rank read (-1: read whole, no lazy slices); empty at tp_size 1.
+                "checkpoint_bytes_read_per_rank": list(self.rank_bytes_read),
                 "tp_worker_pids": self.tp_leader.pids if self.tp_leader is not None else [],
             },
         )
@@ -236,6 +269,8 @@ class ModelRunner:
             vocab_size,
             self.device,
             steps=[x.num_output_tokens for x in s],
+            grammar_rows=step.grammar_rows,
+            grammar_bitmask=_bitmask_tensor(step),
         )
 
     @torch.inference_mode()
@@ -253,3 +288,11 @@ class ModelRunner:
         if self.tp_leader is not None:
             self.tp_leader.close()
             self.tp_leader = None
+
+
+def _bitmask_tensor(step: StepInput) -> torch.Tensor | None:
+    """The step's grammar bitmask as an int32 tensor (another tensor-parallel rank receives it as bytes)."""
+    mask = step.grammar_bitmask
+    if mask is None or isinstance(mask, torch.Tensor):
+        return mask
+    return torch.frombuffer(bytearray(mask), dtype=torch.int32).view(len(step.sampling), -1)

@@ -9,7 +9,8 @@ Pipeline, in the order of transformers' logits processors:
         ├─ logit_bias           (OpenAI's: + bias at the listed tokens)
         ├─ repetition penalty   (prompt + output tokens, transformers semantics)
         ├─ frequency / presence (output tokens, OpenAI semantics)
-        ├─ min_new_tokens ban   (-inf on eos + stop_token_ids)
+        ├─ min_new_tokens ban   (-inf on eos + stop_token_ids; not on grammar rows, whose grammar ends them)
+        ├─ grammar mask         (-inf on every token a row's grammar does not allow: one masked_fill)
         │
         ├─ greedy rows:  argmax
         └─ other rows:   / temperature -> softmax -> top-k -> top-p -> min-p -> seeded exponential race
@@ -25,9 +26,11 @@ sampling rows) give bit-identical results for the row.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -134,6 +137,11 @@ class SamplingBatch:
     # logit_bias: flat indices row * V + token and the value added there; None when no row has one.
     bias_index: torch.Tensor | None = None  # [N] int64, unique
     bias_values: torch.Tensor | None = None  # [N] float32
+    # Constrained decoding: the rows a grammar constrains, as host ints (None: every row), and the bitmask,
+    # int32 [B, ceil(V / 32)] on the device, bit t of a constrained row set when token t is allowed (other
+    # rows unread). grammar_bitmask None: no grammar row.
+    grammar_rows: list[int] | None = None
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def need_penalties(self) -> bool:
@@ -146,7 +154,12 @@ class SamplingBatch:
     @property
     def need_logit_processing(self) -> bool:
         """Whether ``apply_penalties`` changes anything."""
-        return self.penalties is not None or self.ban_rows is not None or self.bias_index is not None
+        return (
+            self.penalties is not None
+            or self.ban_rows is not None
+            or self.bias_index is not None
+            or self.grammar_bitmask is not None
+        )
 
     @classmethod
     def build(
@@ -159,6 +172,8 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         steps: Sequence[int] | None = None,
+        grammar_rows: Sequence[int] = (),
+        grammar_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Build the tensors for one step.
 
@@ -166,7 +181,8 @@ class SamplingBatch:
         Only the lengths of ``output_ids`` are read, except for rows with a penalty (which read their
         tokens, and their prompt's for a repetition penalty), so the common case costs O(B) Python work.
         ``steps`` (each row's output length) stands in for those lengths when the caller passes no
-        output lists for rows without penalties.
+        output lists for rows without penalties. ``grammar_rows`` / ``grammar_bitmask``: the rows a grammar
+        constrains and the host int32 bitmask, one row per batch row (only the constrained rows are read).
         """
         b = len(params)
         if not (len(seeds) == len(prompt_ids) == len(output_ids) == b):
@@ -195,6 +211,10 @@ class SamplingBatch:
                 penalty_rows.append(i)
             if step < p.min_new_tokens:
                 ban_rows.append(i)
+        if grammar_rows:
+            # A grammar that allows only its end token would be left with no token at all under the ban.
+            constrained = set(grammar_rows)
+            ban_rows = [i for i in ban_rows if i not in constrained]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device)
@@ -232,7 +252,22 @@ class SamplingBatch:
             need_top_p=need_top_p,
             need_min_p=need_min_p,
             **_build_bias(params, vocab_size, device),
+            **_build_grammar(grammar_rows, grammar_bitmask, b, device),
         )
+
+
+def _build_grammar(
+    rows: Sequence[int], bitmask: torch.Tensor | None, batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    if bitmask is None or not rows:
+        return {"grammar_rows": None, "grammar_bitmask": None}
+    if bitmask.shape[0] != batch_size:
+        raise ValueError(f"SamplingBatch.build: {batch_size} rows but {bitmask.shape[0]} bitmask rows")
+    every = list(rows) == list(range(batch_size))
+    return {
+        "grammar_rows": None if every else [int(r) for r in rows],
+        "grammar_bitmask": bitmask.to(device, non_blocking=True),
+    }
 
 
 def _build_bias(
@@ -359,7 +394,48 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             flat[pen.count_index] = x - pen.frequency * pen.counts - pen.presence
     if batch.ban_rows is not None:
         logits[batch.ban_rows, batch.ban_token_ids] = float("-inf")
+    if batch.grammar_bitmask is not None:
+        apply_token_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
     return logits
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 bitmask [G, W] -> bool [G, vocab_size]: token t of a row is allowed when bit t % 32 of word
+    t // 32 is set (xgrammar's layout). Read as bytes through a 256-entry table: one gather, where
+    shifting each word 32 ways measured 1.6x slower (64 x 152k on CPU)."""
+    table = ((torch.arange(256, device=bitmask.device)[:, None] >> torch.arange(8, device=bitmask.device)) & 1).bool()
+    as_bytes = bitmask.contiguous().view(torch.uint8).long()  # little-endian: byte k of a word = bits 8k..8k+7
+    return table[as_bytes].view(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+@functools.lru_cache(maxsize=1)
+def _xgrammar_kernel() -> Any:
+    """xgrammar's fused masking kernel (C++ on CPU, CUDA/Triton on GPU), or None without xgrammar."""
+    try:
+        from xgrammar import apply_token_bitmask_inplace
+    except ImportError:
+        return None
+    return apply_token_bitmask_inplace
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None, *, use_kernel: bool = True
+) -> None:
+    """-inf at every token the rows' grammars forbid, IN PLACE. bitmask [B, W] has one row per logits row;
+    only `rows` are masked (None: all).
+
+    One batched op over all constrained rows: xgrammar's kernel when it is installed (3x faster than the
+    torch path on CPU: 53 vs 151 ms for 64 x 152k on a loaded 2-core machine), else the torch path."""
+    kernel = _xgrammar_kernel() if use_kernel and logits.dtype == torch.float32 else None
+    if kernel is not None:
+        kernel(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+        return
+    if rows is None:
+        logits.masked_fill_(~allowed_tokens(bitmask, logits.shape[1]), float("-inf"))
+    else:
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        forbidden = ~allowed_tokens(bitmask[index], logits.shape[1])
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
 # Top-p looks for each row's nucleus among its 64, then 1024 most likely tokens, and sorts the row

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from radixlm.sampling_params import SamplingParams
 
@@ -54,6 +55,12 @@ class StepInput:
     spans: list[SpanInput]
     table_writes: list[tuple[int, int, list[int]]] = field(default_factory=list)
     sampling: list[SamplingInput] = field(default_factory=list)
+    # Constrained decoding: the sampling rows (indices into `sampling`) that a grammar constrains, and the
+    # token bitmask, int32 [len(sampling), ceil(V / 32)] (bit t of a constrained row set: token t allowed;
+    # other rows unread). A tensor in the core's process, little-endian bytes on the wire to the other
+    # tensor-parallel ranks.
+    grammar_rows: list[int] = field(default_factory=list)
+    grammar_bitmask: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -124,11 +131,18 @@ def step_to_wire(step: StepInput) -> list:
             ]
             for x in step.sampling
         ],
+        [step.grammar_rows, _mask_bytes(step.grammar_bitmask)],
     ]
 
 
+def _mask_bytes(mask: Any) -> bytes | None:
+    if mask is None or isinstance(mask, bytes):
+        return mask
+    return mask.contiguous().numpy().tobytes()  # a CPU int32 tensor (the core fills it on the host)
+
+
 def step_from_wire(data: list) -> StepInput:
-    spans, writes, sampling = data
+    spans, writes, sampling, (grammar_rows, grammar_bitmask) = data
     return StepInput(
         spans=[SpanInput(*span) for span in spans],
         table_writes=[(row, start, slots) for row, start, slots in writes],
@@ -136,4 +150,6 @@ def step_from_wire(data: list) -> StepInput:
             SamplingInput(_params_from_wire(params), seed, n, prompt, output, lp, top)
             for params, seed, n, prompt, output, lp, top in sampling
         ],
+        grammar_rows=list(grammar_rows),
+        grammar_bitmask=grammar_bitmask,
     )

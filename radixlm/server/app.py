@@ -38,6 +38,7 @@ from radixlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from radixlm.server.native import generate
 from radixlm.server.openai_chat import create_chat_completion
 from radixlm.server.openai_completions import create_completion
+from radixlm.server.parsers import check_reasoning_parser, resolve_tool_call_parser
 from radixlm.server.protocol import (
     AbortRequestBody,
     ChatCompletionRequest,
@@ -63,10 +64,14 @@ def create_app(
     shutdown_engine: bool = True,
     strict_model_name: bool = False,
     metrics_prefixes: tuple[str, ...] = (),
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """An app over a built Engine. `shutdown_engine`: shut the Engine down when the app stops.
     `strict_model_name`: a request naming another model is a 404 (by default any name is served).
-    `metrics_prefixes`: other servers' metric names to export too (e.g. "sglang"), see metrics.py."""
+    `metrics_prefixes`: other servers' metric names to export too (e.g. "sglang"), see metrics.py.
+    `tool_call_parser` / `reasoning_parser`: names in server/parsers (the tool format defaults to the one
+    the chat template writes, when that is unambiguous)."""
     model_path = str(engine.model_info.get("model_path", "")) if engine is not None else ""
     name = served_model_name or model_path or "radixlm"
     ctx = ServerContext(
@@ -78,6 +83,8 @@ def create_app(
         max_n=_engine_max_n(engine),
         strict_model_name=strict_model_name,
         sampling_defaults=dict(getattr(engine, "sampling_defaults", None) or {}),
+        tool_call_parser=resolve_tool_call_parser(tool_call_parser, engine),
+        reasoning_parser=check_reasoning_parser(reasoning_parser),
     )
 
     @asynccontextmanager

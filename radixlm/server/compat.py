@@ -34,9 +34,7 @@ OPENAI_IGNORED = frozenset(
         "safety_identifier",  # abuse tracking, like `user`
         "priority",  # vLLM / SGLang: only with a priority scheduling policy, which radixlm has not
         "log_metrics",  # SGLang
-        # SGLang: split reasoning text out, with a reasoning parser, which radixlm has not (so it never does)
-        "separate_reasoning",
-        "stream_reasoning",
+        "guided_decoding_backend",  # vLLM: which grammar library; the constraint means the same in any
     }
 )
 
@@ -50,17 +48,10 @@ OPENAI_REFUSED: dict[str, tuple[Any, ...]] = {
     "reasoning_effort": (),
     "verbosity": (),
     "modalities": (["text"],),
-    # SGLang / vLLM extras with an effect radixlm does not have (structured output, LoRA, ...)
-    "regex": (),
-    "ebnf": (),
-    "json_schema": (),
-    "structural_tag": (),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "structured_outputs": (),
+    # SGLang / vLLM extras with an effect radixlm does not have (LoRA, ...); their structured-output
+    # fields are modeled (protocol._SamplingFields, structured_output.py)
     "lora_path": (),
+    "guided_whitespace_pattern": (),  # vLLM: JSON here is always compact
     "session_params": (),
     "custom_logit_processor": (),
     "custom_params": (),
@@ -124,12 +115,9 @@ GENERATE_REFUSED: dict[str, tuple[Any, ...]] = {
 }
 
 # SGLang's sampling_params keys beyond radixlm's own (the lists count as given only when non-empty).
+# Its constraint keys (regex, json_schema, ebnf, structural_tag) are SamplingParams' own.
 SAMPLING_REFUSED: dict[str, tuple[Any, ...]] = {
     "stop_regex": ([], ""),
-    "regex": (),
-    "json_schema": (),
-    "ebnf": (),
-    "structural_tag": (),
     "custom_params": (),
     "stream_interval": (),
     "beam_width": (),

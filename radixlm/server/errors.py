@@ -78,6 +78,18 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
+# Our own pydantic error types, raised by model validators, that name their field in ctx["loc"].
+_LOC_IN_CONTEXT = (
+    "invalid_text",
+    "empty_prompt",
+    "unsupported_field",
+    "conflicting_fields",
+    "missing_content",
+    "no_tools",
+    "unknown_tool",
+)
+
+
 def validation_message(
     errors: list[dict[str, Any]], strip_prefix: tuple[str, ...] = ("body",)
 ) -> tuple[str, str | None]:
@@ -87,7 +99,7 @@ def validation_message(
         loc = [clip(str(x), 80) for x in err.get("loc", ()) if str(x) not in strip_prefix]
         if err.get("type") == "json_invalid":
             loc = []  # its loc is a character offset, not a field
-        if err.get("type") in ("invalid_text", "empty_prompt", "unsupported_field", "conflicting_fields"):
+        if err.get("type") in _LOC_IN_CONTEXT:
             loc += [str(err.get("ctx", {}).get("loc", ""))]  # found by a walk under the model's own loc
         where = ".".join(loc)
         msg = str(err.get("msg", "invalid value"))

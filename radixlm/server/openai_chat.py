@@ -6,6 +6,10 @@ The prompt is built by `TokenizerManager.apply_chat_template` (the tokenizer's t
 A stream sends, per choice: a first chunk with `delta.role`, content deltas, then a chunk with
 `finish_reason`; then, with `stream_options.include_usage`, one chunk with `usage` and no choices; then
 `data: [DONE]`.
+
+Tools and reasoning (chat_output.py): each choice's text goes through the reasoning parser and the tool-call
+parser its tool_choice needs, so deltas carry `reasoning_content`, `content` and `tool_calls` pieces, and a
+choice that made calls finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from radixlm.frontend.inputs import check_prompt_chars
+from radixlm.server import structured_output
+from radixlm.server.chat_output import ChoiceOutput, make_choice_output
 from radixlm.server.errors import APIError
+from radixlm.server.parsers.tool_call import ToolCallDelta
 from radixlm.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -29,7 +36,9 @@ from radixlm.server.protocol import (
     ChatMessageOut,
     ChoiceLogprobs,
     DeltaMessage,
+    FunctionCallOut,
     TokenLogprob,
+    ToolCallOut,
     TopLogprob,
 )
 from radixlm.server.serving import (
@@ -57,6 +66,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     engine = ctx.require_engine()
     params = req.sampling_params(ctx.context_length, ctx.sampling_defaults)
     ctx.check_n(params.n)
+    # Off the event loop: parsing a large schema (or the first import of xgrammar) takes a while.
+    await run_in_threadpool(structured_output.check_compiles, params, req.constraint(), engine.model_info)
     messages = req.template_messages()
     try:
         check_prompt_chars(
@@ -70,6 +81,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
             messages,
             add_generation_prompt=req.add_generation_prompt,
             template_kwargs=req.chat_template_kwargs,
+            tools=req.template_tools(),
         )
     except ValueError as exc:  # too long, no template, or the template rejected the conversation
         raise APIError(400, str(exc), param="messages") from exc
@@ -90,9 +102,12 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         arrival,
     )
     outputs = {rid: Output(rid) for rid in rids}
+    opens = _prompt_opens_reasoning(engine, input_ids) if ctx.reasoning_parser else False
+    parsed = {rid: _choice_output(ctx, req, opens) for rid in rids}
     model = ctx.served_model_name  # whatever name the caller used (SGLang reports its own)
     if req.stream:
-        return SSEResponse(sse_body(stream, _events(ctx, req, stream, outputs, rids, model, request_id)))
+        events = _events(ctx, req, stream, outputs, parsed, rids, model, request_id)
+        return SSEResponse(sse_body(stream, events))
     if not await collect_unless_disconnected(raw, stream, outputs):
         return Response(status_code=499)
     ordered = [outputs[rid] for rid in rids]
@@ -100,6 +115,9 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     for j, out in enumerate(ordered):
         ctx.check_failed(out.finish_reason, len(out.output_ids))
         finish, matched = openai_finish(out.finish_reason)
+        message = _message(parsed[out.rid], out.text)
+        if message.tool_calls and finish == "stop":
+            finish = "tool_calls"
         logprobs = None
         if req.logprobs:
             delta = Delta(out.text, out.output_ids, out.logprobs, out.top_logprobs, out.finish_reason)
@@ -107,7 +125,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         choices.append(
             ChatChoice(
                 index=j,
-                message=ChatMessageOut(content=out.text),
+                message=message,
                 logprobs=logprobs,
                 finish_reason=finish,
                 matched_stop=matched,
@@ -125,6 +143,7 @@ async def _events(
     req: ChatCompletionRequest,
     stream: Any,
     outputs: dict[str, Output],
+    parsed: dict[str, ChoiceOutput],
     rids: list[str],
     model: str,
     request_id: str,
@@ -148,10 +167,22 @@ async def _events(
     async for out, delta in deltas(ctx, stream, outputs):
         if delta.shows_nothing(req.logprobs):
             continue
+        p = parsed[out.rid]
+        piece = p.feed(delta.text)
+        if delta.finish_reason is not None:
+            piece = piece.merge(p.finish())
+        elif not piece and not (req.logprobs and delta.token_ids):
+            continue  # held back (a marker may be starting); nothing to show yet
         finish, matched = openai_finish(delta.finish_reason)
+        if finish == "stop" and p.num_calls:
+            finish = "tool_calls"
         choice = ChatChunkChoice(
             index=index[out.rid],
-            delta=DeltaMessage(content=delta.text or None),
+            delta=DeltaMessage(
+                content=piece.content or None,
+                reasoning_content=piece.reasoning or None,
+                tool_calls=[c.to_openai() for c in piece.calls] or None,
+            ),
             logprobs=_logprobs(engine, without_stop_token(delta, req.keeps_stop)) if req.logprobs else None,
             finish_reason=finish,
             matched_stop=matched,
@@ -161,6 +192,47 @@ async def _events(
         yield chunk([choice], usage_of(ordered, n) if req.continuous_usage else None)
     if req.include_usage:
         yield chunk([], usage_of(ordered, n))
+
+
+def _choice_output(ctx: ServerContext, req: ChatCompletionRequest, prompt_opens_reasoning: bool) -> ChoiceOutput:
+    named = req.tool_choice.function.name if req.tool_mode == "named" else None
+    return make_choice_output(
+        tool_mode=req.tool_mode,
+        tool_parser=ctx.tool_call_parser,
+        named_tool=named,
+        reasoning_parser=ctx.reasoning_parser,
+        separate_reasoning=req.separate_reasoning,
+        stream_reasoning=req.stream_reasoning,
+        prompt_opens_reasoning=prompt_opens_reasoning,
+    )
+
+
+def _prompt_opens_reasoning(engine: Any, input_ids: list[int]) -> bool:
+    """The template ended the prompt inside a think block (DeepSeek-R1's, Qwen3 thinking models')."""
+    tail = engine.tokenizer_manager.decode(input_ids[-8:], skip_special_tokens=False)
+    return tail.rstrip().endswith("<think>")
+
+
+def _message(parsed: ChoiceOutput, text: str) -> ChatMessageOut:
+    d = parsed.feed(text).merge(parsed.finish())
+    calls = _joined_calls(d.calls)
+    return ChatMessageOut(
+        # OpenAI sends null content beside tool calls when the model wrote nothing else
+        content=None if calls and not d.content.strip() else d.content,
+        reasoning_content=d.reasoning or None,
+        tool_calls=calls or None,
+    )
+
+
+def _joined_calls(pieces: list[ToolCallDelta]) -> list[ToolCallOut]:
+    calls: dict[int, ToolCallOut] = {}
+    for p in pieces:
+        call = calls.get(p.index)
+        if call is None:
+            calls[p.index] = ToolCallOut(id=p.id or "", function=FunctionCallOut(name=p.name or "", arguments=p.arguments))
+        else:
+            call.function.arguments += p.arguments
+    return [calls[i] for i in sorted(calls)]
 
 
 def _logprobs(engine: Any, delta: Delta) -> ChoiceLogprobs:

@@ -15,7 +15,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
+from radixlm.server import structured_output
 from radixlm.server.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -48,6 +50,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     engine = ctx.require_engine()
     params = req.sampling_params(ctx.sampling_defaults)
     ctx.check_n(params.n)
+    # Off the event loop: parsing a large schema (or the first import of xgrammar) takes a while.
+    await run_in_threadpool(structured_output.check_compiles, params, req.constraint(), engine.model_info)
     request_id = req.rid or new_request_id("cmpl")
     rids = engine_rids(request_id, req.num_prompts * params.n)
     return_logprob = req.logprobs is not None

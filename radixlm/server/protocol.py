@@ -13,6 +13,7 @@ clients send are ignored or refused by the table in `compat.py` (each model name
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -22,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from radixlm.sampling_params import SamplingParams, is_valid_text, short_repr
-from radixlm.server import compat
+from radixlm.server import compat, structured_output
 from radixlm.server.errors import APIError
+from radixlm.server.tools import tool_constraint
 
 MAX_TOP_LOGPROBS = 20  # the Engine's limit for top_logprobs_num
 
@@ -147,6 +149,16 @@ class _SamplingFields(_Strict):
     no_stop_trim: bool = False
     include_stop_str_in_output: bool = False  # vLLM's name for no_stop_trim
     rid: str | None = Field(default=None, min_length=1)  # SGLang: names the request for /abort_request
+    # Constraints (structured_output.py maps them to one SamplingParams key): SGLang's, then vLLM's.
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -158,6 +170,11 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    def constraint(self) -> structured_output.Constraint | None:
+        """The one constraint the body asks for (a 400 when it names more than one)."""
+        extras = {name: getattr(self, name) for name in _CONSTRAINT_FIELDS}
+        return structured_output.one(structured_output.from_extras(extras))
 
     def _sampling_dict(
         self, max_new_tokens: int, defaults: Mapping[str, Any] | None = None
@@ -190,6 +207,7 @@ class _SamplingFields(_Strict):
             "no_stop_trim": self.keeps_stop,
             # SamplingParams checks the ids and values (a 400 naming logit_bias); the front, the vocabulary.
             "logit_bias": self.logit_bias or {},
+            **structured_output.sampling_values(self.constraint()),
         }
 
     @property
@@ -206,11 +224,18 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
+_CONSTRAINT_FIELDS = (
+    "regex", "ebnf", "json_schema", "structural_tag", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "structured_outputs",
+)
+
 # SamplingParams' names -> the names a caller of the OpenAI routes used, for error messages.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
-def to_sampling_params(values: dict[str, Any], *, openai_names: bool = True) -> SamplingParams:
+def to_sampling_params(
+    values: dict[str, Any], *, openai_names: bool = True, constraint: Any = None
+) -> SamplingParams:
     """Build SamplingParams; its ValueError/TypeError becomes a 400 that names the caller's field.
 
     openai_names: the caller spoke OpenAI's names (max_tokens, top_p) at the top level of its body;
@@ -224,7 +249,10 @@ def to_sampling_params(values: dict[str, Any], *, openai_names: bool = True) -> 
         match = re.search(r"sampling_params\.(\w+)", message)
         param = f"sampling_params.{match.group(1)}" if match else "sampling_params"
         if openai_names and match:
-            param = _OPENAI_NAMES.get(match.group(1), match.group(1))
+            names = dict(_OPENAI_NAMES)
+            if constraint is not None:  # the caller's field, not the SamplingParams key it became
+                names[constraint.kind] = constraint.param
+            param = names.get(match.group(1), match.group(1))
             message = message.replace(f"sampling_params.{match.group(1)}", param)
         raise APIError(400, message, param=param) from exc
 
@@ -253,7 +281,7 @@ class CompletionRequest(_SamplingFields):
 
     def sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         limit = 16 if self.max_tokens is None else self.max_tokens
-        return to_sampling_params(self._sampling_dict(limit, defaults))
+        return to_sampling_params(self._sampling_dict(limit, defaults), constraint=self.constraint())
 
     def engine_prompt(self) -> dict[str, Any]:
         """The Engine's `prompt=` (text) or `input_ids=` (token ids) keyword."""
@@ -274,10 +302,38 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Strict):
+    """An assistant message's earlier tool call, sent back in a multi-turn conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that made tool calls (OpenAI's shape)
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None  # role "tool": which call this is the result of
+    reasoning_content: str | None = None  # an earlier answer's reasoning (some templates render it)
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError(
+                "missing_content", "is required (only an assistant message with tool_calls may omit it)",
+                {"loc": "content"},
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -293,7 +349,12 @@ class ChatMessage(_Strict):
 
     def to_template(self) -> dict[str, Any]:
         # Most chat templates index string content; text parts are joined as vLLM does.
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        if self.content is None:
+            content = ""
+        elif isinstance(self.content, str):
+            content = self.content
+        else:
+            content = "\n".join(p.text for p in self.content)
         # "developer" is OpenAI's new name for "system"; templates only know the old one.
         msg: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
@@ -301,11 +362,73 @@ class ChatMessage(_Strict):
         }
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            # Templates (Qwen's, Llama's, Mistral's) write arguments with `tojson`: they want the object,
+            # not OpenAI's JSON text (as vLLM and SGLang pass them).
+            msg["tool_calls"] = [
+                {
+                    **({"id": c.id} if c.id is not None else {}),
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _arguments_object(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            msg["reasoning_content"] = self.reasoning_content
         return msg
 
 
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # not JSON: the template gets the text
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def to_template(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema (the SDK's parse() sends name, schema and strict: true)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # OpenAI's strict mode; the output here always follows the schema, strict or not.
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JSONSchemaFormat | None = None
+    # SGLang's structural_tag response format
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -315,19 +438,29 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
     # vLLM / SGLang: extra variables for the chat template (e.g. Qwen3's enable_thinking)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
+    # SGLang's, with --reasoning-parser: reasoning into reasoning_content (false: left in content), and
+    # streamed as it comes (false: in one delta when it ends)
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     @model_validator(mode="after")
     def _chat_only(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise PydanticCustomError("no_tools", "needs tools", {"loc": "tool_choice"})
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            raise PydanticCustomError(
+                "unknown_tool", "names function {name}, which is not in tools",
+                {"loc": "tool_choice", "name": short_repr(choice.function.name)},
+            )
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
@@ -337,7 +470,26 @@ class ChatCompletionRequest(_SamplingFields):
     ) -> SamplingParams:
         # No max given: as many as fit in the context (the engine caps a request at its room).
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return to_sampling_params(self._sampling_dict(context_length if limit is None else limit, defaults))
+        values = self._sampling_dict(context_length if limit is None else limit, defaults)
+        return to_sampling_params(values, constraint=self.constraint())
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools, or tool_choice none), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [t.to_template() for t in self.tools] if self.tools else None
+
+    def constraint(self) -> structured_output.Constraint | None:
+        found = [c for c in [structured_output.from_response_format(self.response_format)] if c is not None]
+        found += [c for c in [tool_constraint(self)] if c is not None]
+        extras = {name: getattr(self, name) for name in _CONSTRAINT_FIELDS}
+        return structured_output.one(found + structured_output.from_extras(extras))
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -421,6 +573,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True  # with messages
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # with messages: rendered by the template as a chat request's are
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -487,9 +640,22 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -513,6 +679,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # parsers.tool_call.ToolCallDelta.to_openai() each
 
 
 class ChatChunkChoice(BaseModel):

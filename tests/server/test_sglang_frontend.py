@@ -46,7 +46,15 @@ def plain(s):
 def choose(s):
     s += "The best color is " + sgl.select("color", choices=["red", "green", "blue"])
 
-if what == "gen":
+@sgl.function
+def constrained(s):
+    s += "Call me at " + sgl.gen("phone", max_tokens=20, regex=r"[0-9]{3}-[0-9]{4}", temperature=1.0)
+    s += "\nProfile: " + sgl.gen("profile", max_tokens=60, json_schema=sys.argv[3])
+
+if what == "regex":
+    state = constrained.run(backend=backend)
+    print(json.dumps({"phone": state["phone"], "profile": state["profile"]}))
+elif what == "gen":
     state = chat.run(question="Hi there", backend=backend)
     streamed = plain.run(backend=backend, stream=True)
     pieces = list(streamed.text_iter("story"))
@@ -72,10 +80,14 @@ def server() -> Iterator[Server]:
     assert clean, srv.log_tail()
 
 
-def run_frontend(server: Server, what: str) -> dict:
+def run_frontend(server: Server, what: str, *args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-c", PROGRAM, server.url, what], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", PROGRAM, server.url, what, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nserver log:\n{server.log_tail()}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -91,3 +103,21 @@ def test_gen_and_roles(server: Server) -> None:
 
 def test_select(server: Server) -> None:
     assert run_frontend(server, "select")["color"] in ("red", "green", "blue")
+
+
+PROFILE_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "age"],
+}
+
+
+def test_gen_with_regex_and_json_schema(server: Server) -> None:
+    # SGLang's frontend sends `regex` / `json_schema` in /generate's sampling_params (issue 13).
+    import re
+
+    import jsonschema
+
+    out = run_frontend(server, "regex", json.dumps(PROFILE_SCHEMA))
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", out["phone"]), out
+    jsonschema.validate(json.loads(out["profile"]), PROFILE_SCHEMA)

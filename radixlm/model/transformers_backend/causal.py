@@ -28,6 +28,7 @@ from torch import nn
 from radixlm.kv.kv_pool import LayerKV
 from radixlm.layers.attention import RadixAttention
 from radixlm.model.forward_batch import ForwardBatch
+from radixlm.model.lazy_tensor import materialize
 from radixlm.model.loader import ModelLoadError, text_config
 from radixlm.model.transformers_backend.tp_plan import TPSharding
 from radixlm.model.transformers_backend.vocab_parallel import VocabSplit
@@ -216,8 +217,8 @@ class TransformersCausalLM(nn.Module):
         picks every key, so dense attention is the same computation: run the layers without their
         indexers and cap the context there."""
         topk = getattr(self.text_config, "index_topk", None)
-        dropped = 0
-        for mod in self.hf.modules():
+        dropped = []
+        for name, mod in self.hf.named_modules():
             if getattr(mod, "indexer", None) is not None and isinstance(mod.indexer, nn.Module):
                 if not isinstance(topk, int) or topk <= 0:
                     raise ModelLoadError(
@@ -225,7 +226,9 @@ class TransformersCausalLM(nn.Module):
                         "radixlm cannot run it"
                     )
                 mod.indexer = None
-                dropped += 1
+                dropped.append(f"{name}.indexer." if name else "indexer.")
+        # The checkpoint still holds the indexers' weights: they are skipped at load.
+        self._dropped_prefixes = tuple(dropped)
         if dropped:
             self.max_context = topk
             logger.info(
@@ -383,8 +386,10 @@ class TransformersCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             name = self._renamed(name) if renamed else name
+            if self._dropped_prefixes and name.startswith(self._dropped_prefixes):
+                continue
             if name not in params and name in buffers:  # a persistent buffer (xIELU's beta): saved, loaded
-                _set_buffer(self.hf, name, tensor.to(buffers[name].dtype))
+                _set_buffer(self.hf, name, materialize(tensor).to(buffers[name].dtype))
                 continue
             if name not in params:
                 if name.endswith("rotary_emb.inv_freq"):
@@ -408,7 +413,7 @@ class TransformersCausalLM(nn.Module):
                     f"the model expects {tuple(param.shape)}"
                 )
             _set_parameter(
-                self.hf, name, tensor.to(param.dtype if param.dtype.is_floating_point else tensor.dtype)
+                self.hf, name, materialize(tensor).to(param.dtype if param.dtype.is_floating_point else tensor.dtype)
             )
             loaded.add("hf." + name)
         self._tie_if_needed(loaded)

@@ -51,8 +51,9 @@ class VocabSplit:
             raise ModelLoadError(
                 f"a vocabulary tensor has {tensor.shape[0]} rows, the config says {self.vocab_size}"
             )
-        out = tensor.new_zeros((self.per_rank, *tensor.shape[1:]))
-        out[: self.num_real].copy_(tensor.narrow(0, self.start, self.num_real))
+        part = tensor.narrow(0, self.start, self.num_real)  # first: a lazy checkpoint tensor reads only this
+        out = torch.zeros((self.per_rank, *tensor.shape[1:]), dtype=part.dtype)
+        out[: self.num_real].copy_(part)
         return out
 
     def wrap_embedding(self, module: nn.Module) -> None:
