@@ -60,12 +60,11 @@ def _check_transformers_split(report: Report, config, path: Path, trust_remote_c
     import torch
 
     from radixlm.model.loader import ModelLoadError
-    from radixlm.model.transformers_backend.causal import TransformersCausalLM
 
     ok = []
     for n in sizes[1:]:
         try:
-            TransformersCausalLM(
+            _backend_class(config)(
                 copy.deepcopy(config), path, trust_remote_code=trust_remote_code, dtype=torch.float32,
                 tp_rank=0, tp_size=n,
             )  # fmt: skip
@@ -80,15 +79,25 @@ def _build_on_meta(report: Report, config, path: Path, trust_remote_code: bool) 
     import torch
 
     from radixlm.model.loader import ModelLoadError
-    from radixlm.model.transformers_backend.causal import TransformersCausalLM
 
     try:
-        TransformersCausalLM(config, path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = _backend_class(config)(config, path, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except ModelLoadError as exc:
         report.fail("builds", str(exc))
         return False
     report.add("builds", "yes (on the meta device; the attention shapes are measured when the weights load)")
+    if getattr(model, "multimodal", False):
+        how = "both ways inside each image (token_type_ids)" if model.bidirectional_images else "causally"
+        report.add("images", f"yes: transformers' vision tower, image token id {model.image_token_id}, attended {how}")
     return True
+
+
+def _backend_class(config) -> type:
+    """The Transformers-backend wrapper the runner builds: the VLM one for a config with a vision tower."""
+    from radixlm.model.transformers_backend.causal import TransformersCausalLM
+    from radixlm.model.transformers_backend.multimodal import TransformersVLM, is_vision_language
+
+    return TransformersVLM if is_vision_language(config) else TransformersCausalLM
 
 
 def inspect(model: str, *, trust_remote_code: bool = False, parity: bool = False) -> Report:
@@ -110,6 +119,8 @@ def inspect(model: str, *, trust_remote_code: bool = False, parity: bool = False
         report.add("weights", loader.checkpoint_format(path))
     except loader.ModelLoadError as exc:
         report.fail("weights", str(exc))
+    if not _check_head(report, config, path, trust_remote_code):  # a pooling model's report ends there
+        return _with_verdict(report)
     choice = choose_impl(config, "auto")
     report.add("implementation", f"{choice.impl}: {choice.reason}")
     if choice.impl == "transformers" and not _build_on_meta(report, config, path, trust_remote_code):
@@ -129,6 +140,43 @@ def inspect(model: str, *, trust_remote_code: bool = False, parity: bool = False
     if parity and not report.problems:
         _parity(report, path, trust_remote_code)
     return _with_verdict(report)
+
+
+def _check_head(report: Report, config, path: Path, trust_remote_code: bool) -> bool:
+    """The task line (model/heads.py). True: a causal LM, whose checks follow; a pooling model is built on
+    the meta device here and its report completed (False), as is an unsupported head's refusal."""
+    import torch
+
+    from radixlm.model.heads import pooling_impl, pooling_info, resolve_head
+    from radixlm.model.loader import ModelLoadError, text_config
+
+    try:
+        head = resolve_head(config, path)
+    except ModelLoadError as exc:
+        report.fail("task", str(exc))
+        return False
+    report.add("task", f"{head.task} ({head.reason})")
+    if head.task == "generate":
+        return True
+    from radixlm.model.transformers_backend.encoder import TransformersPoolingModel
+
+    report.add("implementation", f"transformers: {pooling_impl(head, 'auto').reason}")
+    try:
+        model = TransformersPoolingModel(config, path, head, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except ModelLoadError as exc:
+        report.fail("builds", str(exc))
+        return False
+    report.add("builds", f"yes (on the meta device; attention {'causal' if model.causal else 'bidirectional'})")
+    for key, value in pooling_info(model, config).items():
+        report.add(key, ", ".join(value) if isinstance(value, list) else value)
+    report.add("tensor parallel", "tp_size 1 (pooling models are not split)")
+    routes = "Engine.encode (logits), /encode, /v1/classify, /classify" if head.task == "classify" else (
+        "Engine.encode, /v1/embeddings, /encode"
+    )
+    report.add("routes", routes)
+    context = getattr(text_config(config), "max_position_embeddings", None)
+    report.add("context length", f"{context} (max_position_embeddings)" if context else "not in the config")
+    return False
 
 
 def _with_verdict(report: Report) -> Report:
@@ -151,9 +199,13 @@ def _parity(report: Report, path: Path, trust_remote_code: bool) -> None:
         ours = drive_core(core, prompts, params)["ids"]
     finally:
         core.close()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32", trust_remote_code=trust_remote_code).eval()
+    from radixlm.model.transformers_backend.multimodal import is_vision_language
+
+    vlm = is_vision_language(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM  # a VLM's text path: its own class
+    hf = auto.from_pretrained(str(path), dtype="float32", trust_remote_code=trust_remote_code).eval()
     hf.generation_config.eos_token_id = None
     for i, p in enumerate(prompts):
         ref, margins = greedy_with_margins(hf, p, 8)

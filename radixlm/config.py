@@ -29,8 +29,12 @@ LINEAR_KERNELS = ("auto", "dense", "packed")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf")
 # Weight quantization methods radixlm runs (model/quantization/ has one file per method); "none" = dense.
-QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf", "fp8", "gptq")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "gguf", "fp8", "gptq", "awq", "compressed-tensors")
 GRAMMAR_BACKENDS = ("xgrammar", "none")
+# KV cache element types (SGLang's --kv-cache-dtype values); auto = the model's dtype. fp8 ones store K/V
+# as float8 with a per-layer scale (kv/kv_cache_dtype.py): half the bytes per token of bf16.
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
+KV_CACHE_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp8": "fp8_e4m3"}  # vLLM's
 
 logger = logging.getLogger("radixlm")
 DEFAULT_MAX_N = 128  # samples per request; OpenAI's own API allows at most 128
@@ -58,6 +62,9 @@ class EngineConfig:
         choices=MODEL_IMPLS + tuple(MODEL_IMPL_ALIASES),
     )
     trust_remote_code: bool = _opt(False, "Allow a model folder's own modeling code (auto_map) to run.")
+    allow_image_urls: bool = _opt(
+        False, "Fetch http(s) image URLs of a vision-language request (default: only data URLs and local paths)."
+    )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to download.")
     dtype: str = _opt(
         "auto",
@@ -78,7 +85,9 @@ class EngineConfig:
         "weight-only, quantized at load (int4 group-wise, 128 per group) on torch's CPU kernels; gguf: a GGUF "
         "file's Q4_0 / Q4_1 blocks repacked as int4 without requantizing (other tensors int8); none: dense "
         "(a GGUF file's blocks dequantized); fp8: an fp8 checkpoint (weight_scale_inv per tensor, channel or "
-        "block), dequantized at load; gptq: a 4-bit GPTQ checkpoint's codes and scales repacked as int4. A method "
+        "block), dequantized at load; gptq (4 / 8 bit, act-order), awq (4-bit GEMM) and compressed-tensors (int4 "
+        "pack-quantized, int8, fp8): the checkpoint's codes and scales repacked into the int4 / int8 kernels "
+        "where the math allows, else dequantized at load (the log says which). A method "
         "that disagrees with the checkpoint's quantization_config is "
         "refused.",
         choices=QUANTIZATION_METHODS,
@@ -104,6 +113,13 @@ class EngineConfig:
     )
     # --- memory and scheduling ---
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (default: from --mem-fraction-static).")
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "KV cache element type. auto: the model's dtype; bf16 / fp16; fp8_e4m3 / fp8_e5m2: float8 K/V with a "
+        "per-layer scale (the checkpoint's k_scale / v_scale, else 1.0), dequantized in attention: the pool "
+        "holds about twice the tokens of bf16 in the same memory.",
+        choices=KV_CACHE_DTYPES + tuple(KV_CACHE_DTYPE_ALIASES),
+    )
     mem_fraction_static: float | None = _opt(
         None,
         "SGLang's meaning: the fraction of the device's total memory (RAM on CPU) that the weights and the "
@@ -175,6 +191,14 @@ class EngineConfig:
             object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if isinstance(self.model_impl, str):
             object.__setattr__(self, "model_impl", MODEL_IMPL_ALIASES.get(self.model_impl, self.model_impl))
+        if isinstance(self.kv_cache_dtype, str):
+            kv = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+            object.__setattr__(self, "kv_cache_dtype", kv)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype (--kv-cache-dtype) must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         _check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)

@@ -90,6 +90,14 @@ class AddRequest:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    # Encode (pooling models): the prompt's hidden states are pooled into RequestOutput.embedding; nothing
+    # is sampled (sampling_params has max_new_tokens 0) and the request finishes after its prompt.
+    pooling: bool = False
+    # Images of a vision-language prompt (frontend/multimodal.py makes them), in prompt order, each a map:
+    # offset / length (its placeholder tokens in input_ids), hash (a 63-bit int of its pixels: the prefix
+    # cache keys its positions by it), tensors ({name: [dtype, shape, raw bytes]}: what the model's
+    # processor made for this image). The core adds "bidirectional" from the model (Gemma 3's images).
+    images: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +160,8 @@ class RequestOutput:
     new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     new_input_logprobs: list[float] = field(default_factory=list)
     new_input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # A pooling request's result, with its final output: the embedding (or a classifier's logits).
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -182,6 +192,12 @@ class ModelInfo:
     quantization: str = "none"  # the weight quantization method that runs (EngineConfig.quantization)
     weight_bytes: int = 0  # bytes of this rank's weights as held (quantized weights and their scales)
     checkpoint_format: str = ""  # safetensors, pt or gguf (with the GGUF tensor types, dequantized at load)
+    # What the model is for (model/heads.py): "generate", "embed" or "classify"; a pooling model's pooling
+    # ("last, normalized: ..."), and a classifier's labels in class order (config.id2label).
+    task: str = "generate"
+    pooling: str = ""
+    labels: list[str] = field(default_factory=list)
+    multimodal: bool = False  # the model takes images (a vision-language model through transformers)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,11 +291,12 @@ class _Codec:
             o.new_top_logprobs,
             o.new_input_logprobs,
             o.new_input_top_logprobs,
+            o.embedding,
         ]
 
     @staticmethod
     def output_from_wire(w: list[Any]) -> RequestOutput:
-        rid, ids, reason, prompt, completion, cached, lps, tops, in_lps, in_tops = w
+        rid, ids, reason, prompt, completion, cached, lps, tops, in_lps, in_tops, embedding = w
         fr = None if reason is None else FinishReason(*reason)
         return RequestOutput(
             rid,
@@ -292,6 +309,7 @@ class _Codec:
             [[tuple(p) for p in row] for row in tops],
             in_lps,
             [[tuple(p) for p in row] for row in in_tops],
+            embedding,
         )
 
 

@@ -35,6 +35,7 @@ class HandPool:
             device="cpu",
         )
         self.k_buffers, self.v_buffers = self.kv.k_buffers, self.kv.v_buffers
+        self.k_scales, self.v_scales = self.kv.k_scales, self.kv.v_scales  # what attention reads (fp8 KV)
 
     def alloc(self, n: int, last_slot: int | None = None) -> torch.Tensor:
         slots = self.allocator.alloc(n, last_slot)

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "radixlm"
-LEAVES = {"messages", "config", "sampling_params"}
+LEAVES = {"messages", "config", "sampling_params", "gguf_metadata"}
 ALLOWED: dict[str, set[str]] = {
     "messages": LEAVES,
     "config": LEAVES,
     "sampling_params": LEAVES,
+    "gguf_metadata": LEAVES,
     "frontend": LEAVES | {"frontend"},
     "server": LEAVES | {"frontend", "server"},
     "lang": LEAVES | {"frontend", "lang"},

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(p)
     _add_common(p)
 
+    p = sub.add_parser("decode", help="batch-1 decode tok/s against the memory-bandwidth bound")
+    from radixlm.bench.decode import add_decode_args
+
+    add_decode_args(p)
+    _add_common(p)
+
     p = sub.add_parser("lang", help="a few-shot program: radixlm's language vs the OpenAI API, cache off")
     from radixlm.bench.lang import add_lang_args
 
@@ -232,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         from radixlm.bench.quant import run_quant_bench
 
         run_quant_bench(ns)
+        return 0
+    elif ns.bench == "decode":
+        from radixlm.bench.decode import run_decode_bench
+
+        report = run_decode_bench(ns)
+        print()
+        print(report.table())
+        if ns.json:
+            import json
+
+            with open(ns.json, "w") as f:
+                json.dump(report.to_dict(), f, indent=1)
         return 0
     elif ns.bench == "overhead":
         from radixlm.bench.overhead import run_overhead_from_args

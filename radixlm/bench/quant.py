@@ -63,6 +63,8 @@ class QuantReport:
     speed: list[SpeedRow] = field(default_factory=list)
     quality: list[QualityRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kv_quality: list[Any] = field(default_factory=list)  # bench/kv_quality.py's rows (--kv-cache-dtypes)
+    kv_tokens: int = 0
 
     def table(self) -> str:
         lines = [
@@ -82,6 +84,10 @@ class QuantReport:
                     f"{_label(q.method):<8}{q.greedy_agreement:>10.3f}"
                     f"{q.identical_prompts:>7}/{len(QUALITY_PROMPTS)}{q.perplexity:>9.3f}"
                 )
+        if self.kv_quality:
+            from radixlm.bench.kv_quality import kv_table
+
+            lines += kv_table(self.kv_quality, self.kv_tokens)
         return "\n".join(lines + [""] + self.notes)
 
 
@@ -99,6 +105,12 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality-tokens", type=int, default=32)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--kv-cache-dtypes",
+        default="",
+        help="also compare these --kv-cache-dtype values (e.g. fp8_e4m3,fp8_e5m2) with bf16 KV on the "
+        "quality model: greedy agreement and perplexity",
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="timed rounds, methods interleaved; the best round counts"
     )
@@ -233,6 +245,12 @@ def run_quant_bench(ns: argparse.Namespace) -> QuantReport:
             # A GGUF model also runs its own 4-bit blocks repacked as int4 (--quantization gguf).
             extra = ["gguf"] if quality_model.endswith(".gguf") and "gguf" not in methods else []
             report.quality = run_quality(quality_model, methods + extra, ns.quality_tokens)
+    kv_dtypes = [k.strip() for k in ns.kv_cache_dtypes.split(",") if k.strip()]
+    if kv_dtypes and quality_model is not None:
+        from radixlm.bench.kv_quality import run_kv_quality
+
+        report.kv_quality = run_kv_quality(quality_model, kv_dtypes, ns.quality_tokens)
+        report.kv_tokens = ns.quality_tokens
     print(report.table())
     if ns.json:
         with open(ns.json, "w") as f:

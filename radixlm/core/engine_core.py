@@ -23,6 +23,7 @@ from typing import Any
 
 from radixlm.config import EngineConfig, RuntimeConfig
 from radixlm.core.grammar import BitmaskBuffer, GrammarCompiler
+from radixlm.core.images import check_images, image_key_ids
 from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import make_policy
 from radixlm.core.scheduler import Scheduler, Span
@@ -53,7 +54,11 @@ class EngineCore:
         # +1 row so that a retraction-and-readmission within a step never runs out of rows
         num_rows = rt.max_running_requests + 1
         self.runner.allocate_kv(rt, num_rows)
-        cache = NoPrefixCache(rt.page_size) if rt.disable_radix_cache else RadixCache(rt.page_size)
+        # A pooling model never shares a prefix: its requests need every position's hidden state (a hit
+        # would skip them), and an encoder's K/V depend on the tokens after them.
+        self.task = self.runner.head.task
+        pooling = self.task != "generate"
+        cache = NoPrefixCache(rt.page_size) if rt.disable_radix_cache or pooling else RadixCache(rt.page_size)
         self.kv = KVManager(
             PageAllocator(rt.num_kv_pages, rt.page_size), ReqToToken(num_rows, rt.context_length + 1), cache
         )
@@ -114,12 +119,20 @@ class EngineCore:
 
     def _enqueue(self, msg: AddRequest, params: SamplingParams, compiled: Any) -> None:
         leader = None
+        # Image positions are keyed by the image's hash (core/images.py); the model still sees its own ids.
+        key_ids = image_key_ids(msg.input_ids, msg.images, self.runner.vocab_size) if msg.images else msg.input_ids
+        # Whether an image's tokens attend both ways is the model's (Gemma 3's), not the sender's to say.
+        both_ways = bool(getattr(self.runner.model, "bidirectional_images", False))
+        images = [{**im, "bidirectional": both_ways} for im in msg.images]
+        # M-RoPE (Qwen2-VL): the prompt's 3-D positions, once, by the model's own get_rope_index.
+        rope_rows = getattr(self.runner.model, "mrope_prompt_positions", None)
+        mrope = rope_rows(msg.input_ids, msg.images) if msg.images and rope_rows is not None else None
         for k, rid in enumerate(msg.rids):
             # n samples of one prompt draw from distinct but reproducible streams
             seed = params.seed + k if params.seed is not None else self._rng.getrandbits(63)
             req = Request(
                 rid,
-                list(msg.input_ids),
+                list(key_ids),
                 len(msg.input_ids),
                 params,
                 seed,
@@ -127,7 +140,11 @@ class EngineCore:
                 top_logprobs_num=msg.top_logprobs_num,
                 leader=leader,
                 logprob_start_len=msg.logprob_start_len if msg.return_logprob else -1,
+                pooling=msg.pooling,
             )
+            if msg.images:
+                req.images, req.model_prompt_ids = images, list(msg.input_ids)
+                req.mrope = mrope
             if compiled is not None:
                 req.grammar = self.grammar.new_matcher(compiled)
             if leader is not None:
@@ -155,6 +172,19 @@ class EngineCore:
         k = msg.logprob_start_len
         if type(k) is not int or not -1 <= k < max(len(ids), 1):
             raise ValueError("AddRequest.logprob_start_len must be an int in [-1, prompt length)")
+        model = self.runner.model
+        check_images(msg.images, ids, {model.image_token_id} if getattr(model, "multimodal", False) else None)
+        if msg.images and hasattr(model, "check_image_grids"):  # M-RoPE positions need each image's grid
+            model.check_image_grids(msg.images)
+        if msg.images and msg.return_logprob and k >= 0:
+            raise ValueError("AddRequest.logprob_start_len: prompt logprobs of a prompt with images are not supported")
+        if msg.pooling is not (self.task != "generate"):
+            raise ValueError(
+                f"this engine runs a {self.task} model ({self.runner.head.head}): "
+                + ("use encode, not generate" if self.task != "generate" else "it cannot encode (no pooling head)")
+            )
+        if msg.pooling and (len(msg.rids) != 1 or msg.return_logprob):
+            raise ValueError("an encode request has one rid (n == 1) and no logprobs")
         if not msg.rids or len(set(msg.rids)) != len(msg.rids):
             raise ValueError(f"AddRequest needs distinct request ids, got {msg.rids!r}")
         compiling = {rid for m, _, _ in self._compiling for rid in m.rids}
@@ -216,6 +246,9 @@ class EngineCore:
         sampled = self.runner.sample(fwd.logits, step.step_input) if step.step_input.sampling else None
         self.scheduler.commit(step)
         prompt = self._prompt_logprobs(step.spans, fwd)
+        if fwd.pooled is not None:
+            for i, vec in zip(step.step_input.pool_spans, fwd.pooled.float().tolist()):
+                step.spans[i].req.embedding = vec
         if sampled is not None:
             outputs += self._process_samples(step.sampling_spans, sampled, prompt)
         for span in step.spans:
@@ -329,6 +362,7 @@ class EngineCore:
             new_top_logprobs=new_top,
             new_input_logprobs=list(input_lp),
             new_input_top_logprobs=list(input_top),
+            embedding=req.embedding if req.finished else None,
         )
 
     # ---- management ----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ with the model's EOS ids as the tokens that end a complete match.
 
 from __future__ import annotations
 
-import pathlib
 import re
 import threading
 from collections import OrderedDict
@@ -124,13 +123,10 @@ class GrammarCompiler:
     def _get_compiler(self) -> Any:
         if self._compiler is None:
             import xgrammar as xgr
-            from transformers import AutoTokenizer
 
-            path = pathlib.Path(self.tokenizer_path)
-            if path.suffix.lower() == ".gguf" and path.is_file():  # the tokenizer in the GGUF metadata
-                tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            from radixlm.gguf_metadata import load_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer_path)
             info = xgr.TokenizerInfo.from_huggingface(
                 tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None
             )

@@ -52,6 +52,17 @@ class Request:
     # Constrained decoding: this sample's grammar matcher (core/grammar.RequestGrammar), or None. Kept across
     # a retraction: it has seen exactly the output tokens, which a retraction keeps.
     grammar: Any = field(default=None, repr=False)
+    # Encode: the prompt's hidden states are pooled (scheduled whole, never chunked), nothing is sampled.
+    pooling: bool = False
+    embedding: list[float] | None = None
+    # A vision-language prompt's images (messages.AddRequest.images): token_ids holds image_key_ids at
+    # their positions (the prefix cache's key), model_prompt_ids the prompt as the model's processor made
+    # it (penalties count those).
+    images: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    model_prompt_ids: list[int] | None = field(default=None, repr=False)
+    # M-RoPE models (Qwen2-VL) with images: (the prompt's three position rows, the delta after the prompt),
+    # from the model's get_rope_index when the request arrived (model/mrope.py). Plain ints.
+    mrope: tuple[list[list[int]], int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         k = self.logprob_start_len
@@ -98,3 +109,4 @@ class Request:
     def finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
         self.status = RequestStatus.FINISHED
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from radixlm.core.images import fit_image_blocks
 from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import SchedulePolicy
 from radixlm.kv.kv_manager import KVManager
@@ -78,11 +79,13 @@ class _StepBudget:
     chunking: bool
     scheduled_prefill: int = 0
 
-    def span_for(self, remaining: int) -> int:
+    def span_for(self, remaining: int, whole: bool = False) -> int:
+        """whole: never chunk (a pooling prompt: mean pooling needs every position's hidden state in the
+        step that pools, and an encoder's attention the whole prompt); it waits for a step with room."""
         room = min(self.prefill_tokens, self.chunk_tokens)
         if remaining <= room:
             return remaining
-        if self.chunking:
+        if self.chunking and not whole:
             return room
         # Without chunking an over-budget prompt still runs, alone, rather than never.
         return remaining if self.scheduled_prefill == 0 else 0
@@ -157,6 +160,8 @@ class Scheduler:
         while i < len(self.running):
             req = self.running[i]
             n = 1 if req.num_remaining == 1 else budget.span_for(req.num_remaining)
+            if n and req.images:
+                n = fit_image_blocks(req.images, req.num_computed_tokens, n)
             if n == 0:
                 i += 1
                 continue
@@ -198,7 +203,9 @@ class Scheduler:
             match = self.kv.match(req.token_ids[:cap])
             if req.leader is None and self._shares_prefix_in_progress(req, match.length, in_progress):
                 continue
-            n = budget.span_for(req.num_tokens - match.length)
+            n = budget.span_for(req.num_tokens - match.length, whole=req.pooling)
+            if n and req.images:
+                n = fit_image_blocks(req.images, match.length, n)
             if n == 0:
                 break
             span = self._try_admit(req, match, n)
@@ -250,17 +257,26 @@ class Scheduler:
     def _step_input(self, spans: list[Span]) -> StepInput:
         inputs = []
         sampling = []
+        pool_spans = []
         for s in spans:
             req = s.req
             samples = s.samples
             new_ids = req.token_ids[s.start : s.start + s.length]
             span_input = SpanInput(req.kv.row, s.start, new_ids, s.slots, samples)
+            if req.images:  # the images this span computes positions of (the runner embeds them)
+                end = s.start + s.length
+                span_input.images = [
+                    im for im in req.images if im["offset"] < end and im["offset"] + im["length"] > s.start
+                ]
+            span_input.mrope = req.mrope  # every span, decode too: positions past the prompt add its delta
             if req.scores_prompt:
                 _score_prompt(s, span_input)
+            if req.pooling:
+                pool_spans.append(len(inputs))
             inputs.append(span_input)
             if samples:
                 sampling.append(_sampling_input(req))
-        return StepInput(inputs, self.kv.take_table_writes(), sampling)
+        return StepInput(inputs, self.kv.take_table_writes(), sampling, pool_spans=pool_spans)
 
     # ---- leaving the running batch -------------------------------------------------------------
     def _release(self, req: Request) -> None:
@@ -333,7 +349,7 @@ def _sampling_input(req: Request) -> SamplingInput:
         params=params,
         seed=req.seed,
         num_output_tokens=req.num_output_tokens,
-        prompt_ids=req.prompt_ids if penalties else (),
+        prompt_ids=(req.model_prompt_ids or req.prompt_ids) if penalties else (),
         output_ids=req.output_ids if penalties else (),
         return_logprob=req.return_logprob,
         top_logprobs_num=req.top_logprobs_num,

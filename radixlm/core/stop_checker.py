@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from radixlm.core.request import Request
 from radixlm.messages import FinishReason
 
@@ -43,11 +41,7 @@ class StopChecker:
 
     def _get_tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from radixlm.gguf_metadata import load_tokenizer
 
-            path = Path(self.tokenizer_path)
-            if path.suffix.lower() == ".gguf" and path.is_file():  # tokenizer from the GGUF metadata
-                self._tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            else:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer

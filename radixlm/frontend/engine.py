@@ -5,6 +5,7 @@
     for chunk in llm.generate(prompt="Hi", sampling_params={...}, stream=True): ...
     await llm.async_generate(input_ids=[1, 2, 3], sampling_params={...})
     llm.chat([{"role": "user", "content": "Hi"}], {...})   # one conversation (or a list of them)
+    llm.encode(["a", "b"])   # an embedding / classification model: [{"embedding": [...], "meta_info": {...}}]
 
 The front runs a private asyncio loop on a thread for the sync calls; async calls run on the caller's loop.
 What a call was given is checked and grouped in `inputs.py` (one AddRequest per prompt, carrying its n
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from radixlm.config import EngineConfig
 from radixlm.frontend.generation_defaults import read_sampling_defaults, with_defaults
-from radixlm.frontend.inputs import PreparedCall, chat_conversations, prepare_call
+from radixlm.frontend.inputs import PreparedCall, chat_conversations, check_task, prepare_call
+from radixlm.frontend.multimodal import ImageProcessor, chat_images, prepare_with_images
 from radixlm.frontend.outputs import CallOutputs, CallSink, OutputProcessor, RequestState
 from radixlm.frontend.tokenizer_manager import DetokState, TokenizerManager
 from radixlm.messages import (
@@ -72,6 +74,7 @@ class Engine:
             self._client.shutdown()  # do not leave a core running for an Engine that never existed
             raise
         self._outputs = OutputProcessor(self.tokenizer_manager.detokenizer, self.config.stream_interval)
+        self._images: ImageProcessor | None = None  # a vision-language model's processor, on first use
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="radixlm-engine-loop", daemon=True
@@ -113,8 +116,11 @@ class Engine:
         top_logprobs_num: int = 0,
         rid: str | list[str] | None = None,
         logprob_start_len: int = -1,
+        image_data: Any = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
-        """A single prompt returns a dict, a list returns a list; stream=True returns an iterator of dicts."""
+        """A single prompt returns a dict, a list returns a list; stream=True returns an iterator of dicts.
+        image_data (vision-language models): per prompt an image or a list of images (a path, a data URL,
+        bytes, a PIL image), placed at the prompt's image placeholders (or in front of it)."""
         self._check_alive()  # before touching the private loop, which is closed after shutdown()
         coro = self.async_generate(
             prompt,
@@ -125,6 +131,7 @@ class Engine:
             top_logprobs_num,
             rid,
             logprob_start_len,
+            image_data,
         )
         result = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         if stream:
@@ -141,6 +148,7 @@ class Engine:
         top_logprobs_num: int = 0,
         rid: str | list[str] | None = None,
         logprob_start_len: int = -1,
+        image_data: Any = None,
     ) -> Any:
         """`logprob_start_len` k >= 0 (with return_logprob): meta_info also carries `input_token_logprobs`,
         [logprob, token id, None] for prompt positions k..len-1 (logprob None at position 0), and
@@ -153,6 +161,7 @@ class Engine:
         A stream yields chunks of all the call's requests as they come (each with its prompt's `index`
         and its `meta_info.id`): one every `stream_interval` tokens of a request, and one at its finish."""
         self._check_alive()
+        check_task(self.model_info, "generate")
         outputs = self._outputs
         assert outputs is not None  # set before the Engine is returned to anyone
         prepare = functools.partial(
@@ -173,6 +182,8 @@ class Engine:
         # Text is tokenized on a worker thread: a long prompt takes seconds, and the caller's loop (the
         # server's) must keep answering meanwhile. Token ids need no tokenizer and stay here, unless a
         # constraint must be checked (parsing a large schema, or the first import of xgrammar, takes long).
+        if image_data is not None:  # the model's processor tokenizes and places the images (multimodal.py)
+            prepare = functools.partial(prepare_with_images, prepare, image_data, self.image_processor())
         on_thread = prompt is not None or _has_constraint(sampling_params)
         call = await asyncio.get_running_loop().run_in_executor(None, prepare) if on_thread else prepare()
         gen = self._run(call, stream)
@@ -223,6 +234,22 @@ class Engine:
         """The async form of `chat`."""
         self._check_alive()
         conversations, single = chat_conversations(messages)
+        if any(chat_images(c) for c in conversations):  # the processor's chat template and image loading
+            images = self.image_processor()
+            if images is None:
+                raise ValueError("image_url: this model takes no images (it is not a vision-language model)")
+            texts = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [images.render_chat(c, chat_template_kwargs) for c in conversations]
+            )
+            return await self.async_generate(
+                prompt=texts[0] if single else texts,
+                sampling_params=sampling_params,
+                stream=stream,
+                return_logprob=return_logprob,
+                top_logprobs_num=top_logprobs_num,
+                rid=rid,
+                image_data=chat_images(conversations[0]) if single else [chat_images(c) for c in conversations],
+            )
 
         def render() -> list[list[int]]:
             return [
@@ -240,6 +267,64 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             rid=rid,
         )
+
+    def encode(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Pool each prompt's hidden states (an embedding model's vector, or a classifier's logits), as
+        SGLang's Engine.encode: one `{"embedding": [...], "meta_info": {...}}` per prompt, in order; a single
+        prompt (a string or one id list) returns a dict."""
+        self._check_alive()
+        coro = self.async_encode(prompt, input_ids, rid)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def async_encode(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        rid: str | list[str] | None = None,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """The async form of `encode`."""
+        self._check_alive()
+        check_task(self.model_info, "encode")
+        outputs = self._outputs
+        assert outputs is not None
+        prepare = functools.partial(
+            prepare_call,
+            prompt,
+            input_ids,
+            SamplingParams(max_new_tokens=0),  # nothing is sampled: the prompt's states are pooled
+            rid,
+            False,
+            0,
+            encode=self.tokenizer_manager.encode,
+            model_info=self.model_info,
+            in_use=outputs.in_use,
+            max_n=1,
+            max_chars_per_token=self.tokenizer_manager.max_chars_per_token,
+        )
+        on_thread = prompt is not None
+        call = await asyncio.get_running_loop().run_in_executor(None, prepare) if on_thread else prepare()
+        results: dict[str, dict[str, Any]] = {}
+        async for result in self._run(call, False, pooling=True):
+            results[result["meta_info"]["id"]] = result
+        ordered = [_encode_result(results[r]) for r in call.rids]
+        return ordered[0] if call.single else ordered
+
+    def image_processor(self) -> ImageProcessor | None:
+        """The model's processor (loaded on first use); None for a model that takes no images."""
+        if not self.model_info.get("multimodal"):
+            return None
+        if self._images is None:
+            self._images = ImageProcessor(
+                self.model_info["model_path"],
+                trust_remote_code=self.config.trust_remote_code,
+                allow_urls=self.config.allow_image_urls,
+            )
+        return self._images
 
     def get_model_info(self) -> dict[str, Any]:
         return {
@@ -295,7 +380,9 @@ class Engine:
         self.shutdown()
 
     # ---- one call ------------------------------------------------------------------------------
-    async def _run(self, call: PreparedCall, stream: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _run(
+        self, call: PreparedCall, stream: bool, pooling: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Register the call's requests, send one AddRequest per prompt, yield their dicts as they come.
 
         Nothing is sent before the first iteration: a generator that is closed before it starts has
@@ -334,6 +421,8 @@ class Engine:
                         call.return_logprob,
                         call.top_logprobs_num,
                         call.logprob_start_len,
+                        pooling=pooling,
+                        images=g.images,
                     )
                 )
             while unfinished:
@@ -373,6 +462,15 @@ class Engine:
                     return
         finally:
             asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop).result()
+
+
+def _encode_result(d: dict[str, Any]) -> dict[str, Any]:
+    """An encode request's dict; one that ended without a vector (refused, aborted) raises, naming why."""
+    if "embedding" not in d:
+        reason = d["meta_info"].get("finish_reason") or {}
+        exc = ValueError if reason.get("status_code") == 400 else RuntimeError
+        raise exc(f"encode request {d['meta_info']['id']} ended without an embedding: {reason.get('message')}")
+    return {"embedding": d["embedding"], "meta_info": d["meta_info"]}
 
 
 def _core_client(config: EngineConfig, on_message):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm.frontend.grammar_check import check_grammar
@@ -33,6 +33,7 @@ class PromptGroup:
     input_ids: list[int]
     params: SamplingParams
     rids: list[str]
+    images: list[dict[str, Any]] = field(default_factory=list)  # messages.AddRequest.images (multimodal.py)
 
 
 @dataclass(frozen=True)
@@ -247,3 +248,16 @@ def chat_conversations(messages: Any) -> tuple[list[list[dict[str, Any]]], bool]
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
                 raise ValueError(f'{where}[{j}] must be a dict with a string "role", got {short_repr(msg)}')
     return conversations, single
+
+
+def check_task(model_info: Mapping[str, Any], call: str) -> None:
+    """`generate` needs a generating model, `encode` a pooling one (ModelInfo.task): a clear ValueError
+    (a 400 over HTTP) instead of a request the core would refuse."""
+    task = model_info.get("task", "generate")
+    arch = model_info.get("architecture", "the model")
+    if call == "encode" and task == "generate":
+        raise ValueError(
+            f"encode needs an embedding or classification model; {arch} is a generative model (task 'generate')"
+        )
+    if call == "generate" and task != "generate":
+        raise ValueError(f"{arch} is a pooling model (task {task!r}): it cannot generate text; use encode")

@@ -62,6 +62,7 @@ class Update:
     # input_token_logprobs; position 0 has logprob None), and their top alternatives (None at position 0).
     input_logprobs: list[list[Any]] = field(default_factory=list)
     input_top_logprobs: list[list[list[Any]] | None] = field(default_factory=list)
+    embedding: list[float] | None = None  # an encode request's vector, with its final update
 
 
 @dataclass(eq=False)
@@ -86,6 +87,7 @@ class RequestState:
     pending_input: list[list[Any]] = field(default_factory=list)
     pending_input_top: list[list[list[Any]] | None] = field(default_factory=list)
     _next_input: int = 0  # the prompt position of the next prompt logprob the core sends
+    embedding: list[float] | None = None  # an encode request's result (RequestOutput.embedding)
 
     def __post_init__(self) -> None:
         k = self.logprob_start_len
@@ -115,6 +117,8 @@ class RequestState:
             if i < len(out.new_input_top_logprobs):
                 self.pending_input_top.append([[v, t, None] for t, v in out.new_input_top_logprobs[i]])
         self.finished = out.finished
+        if out.embedding is not None:
+            self.embedding = out.embedding
 
     def reason(self) -> dict[str, Any] | None:
         out = self.last
@@ -141,6 +145,7 @@ class RequestState:
             self.finished,
             self.pending_input,
             self.pending_input_top,
+            self.embedding if self.finished else None,
         )
         self.pending_ids, self.pending_logprobs, self.pending_top = [], [], []
         self.pending_input, self.pending_input_top = [], []
@@ -244,4 +249,6 @@ class CallOutputs:
                 "input_token_logprobs": in_lps,
                 "input_top_logprobs": in_tops,
             }
+        if u.embedding is not None:
+            return {"embedding": u.embedding, "meta_info": meta, "index": u.index}
         return {"text": u.text, "output_ids": u.output_ids, "meta_info": meta, "index": u.index}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from radixlm.frontend.chat_templates import builtin_chat_template, builtin_names
+from radixlm.gguf_metadata import load_tokenizer
 from radixlm.sampling_params import SamplingParams
 
 # Decoding a few tokens before the unread ones keeps word boundaries (leading spaces) right.
@@ -205,15 +206,6 @@ def _decode_path(tokenizer: Any) -> tuple[Any, bool]:
     return None, False
 
 
-def gguf_aware_source(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
-    """from_pretrained arguments for a tokenizer path: a .gguf file is its folder plus `gguf_file=`
-    (transformers builds the tokenizer and chat template from the file's metadata)."""
-    p = Path(path)
-    if p.suffix.lower() == ".gguf" and p.is_file():
-        return str(p.parent), {"gguf_file": p.name}
-    return str(path), {}
-
-
 class TokenizerManager:
     def __init__(
         self,
@@ -222,12 +214,8 @@ class TokenizerManager:
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        source, gguf_kwargs = gguf_aware_source(tokenizer_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, **gguf_kwargs
-        )
+        # A .gguf file's tokenizer and chat template come from its metadata, read once per file.
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
         self.chat_template = _read_chat_template(chat_template)
         self.detokenizer = BatchDetokenizer(self.tokenizer)
         self.max_chars_per_token = _max_chars_per_token(self.tokenizer)

@@ -31,8 +31,11 @@ class RadixAttention(nn.Module):
         sliding_window: int | None = None,
         softcap: float | None = None,
         attention_chunk: int | None = None,
+        causal: bool = True,
     ) -> None:
+        """causal=False: bidirectional (encoders); the backend then needs each prompt whole in one step."""
         super().__init__()
+        self.causal = causal
         self.layer_id = layer_id
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -76,5 +79,6 @@ class RadixAttention(nn.Module):
             v=v,
             sinks=sinks,
             chunk=self.attention_chunk,
+            causal=self.causal,
         )
         return out.reshape(T, self.num_heads * self.v_head_dim)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from radixlm.model.mrope import step_rows
+
 if TYPE_CHECKING:
     from radixlm.kv.kv_pool import KVPool
     from radixlm.layers.attention_backends.base import AttentionBackend
@@ -48,6 +50,13 @@ class ForwardBatch:
     req_to_token_host: torch.Tensor
     attn_backend: AttentionBackend
     attn_metadata: Any = field(default=None)
+    # Vision-language steps: (packed index of the span's first token, its first position, its length, its
+    # images) for each span whose positions hold image tokens (the model embeds their features there), and per span
+    # index the position ranges [a, b) whose tokens attend to each other both ways (Gemma 3's images).
+    span_images: list[tuple[int, int, int, list[dict[str, Any]]]] = field(default_factory=list)
+    image_blocks: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    # M-RoPE models (Qwen2-VL): [3, T] rotary positions (model/mrope.py), None when no span has images.
+    mrope_positions: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,10 +80,17 @@ class ForwardBatch:
         spans = step.spans
         input_ids: list[int] = []
         slots: list[int] = []
-        for s in spans:
+        span_images: list[tuple[int, int, int, list[dict[str, Any]]]] = []
+        image_blocks: dict[int, tuple[tuple[int, int], ...]] = {}
+        for i, s in enumerate(spans):
+            if s.images:
+                span_images.append((len(input_ids), s.start, len(s.token_ids), s.images))
+                blocks = tuple((im["offset"], im["offset"] + im["length"]) for im in s.images if im.get("bidirectional"))
+                if blocks:
+                    image_blocks[i] = blocks
             input_ids.extend(s.token_ids)
             slots.extend(s.slots)
-        return cls.from_spans(
+        fb = cls.from_spans(
             input_ids=input_ids,
             out_cache_loc=slots,
             req_pool_indices=[s.row for s in spans],
@@ -86,7 +102,13 @@ class ForwardBatch:
             attn_backend=attn_backend,
             device=device,
             req_to_token_host=req_to_token_host,
+            span_images=span_images,
+            image_blocks=image_blocks,
         )
+        rows = step_rows(spans)
+        if rows is not None:
+            fb.mrope_positions = rows.to(device)
+        return fb
 
     @classmethod
     def from_spans(
@@ -103,6 +125,8 @@ class ForwardBatch:
         attn_backend: AttentionBackend,
         device: torch.device,
         req_to_token_host: torch.Tensor | None = None,
+        span_images: list[tuple[int, int, int, list[dict[str, Any]]]] | None = None,
+        image_blocks: dict[int, tuple[tuple[int, int], ...]] | None = None,
     ) -> ForwardBatch:
         """Pack spans into tensors with vectorized ops (no Python loop over tokens), built on the host and
         uploaded as one int64 buffer (pinned on CUDA) instead of one small copy per tensor."""
@@ -177,6 +201,8 @@ class ForwardBatch:
             req_to_token=req_to_token,
             req_to_token_host=req_to_token_host,
             attn_backend=attn_backend,
+            span_images=span_images or [],
+            image_blocks=image_blocks or {},
         )
         attn_backend.init_forward_metadata(batch)
         return batch

@@ -2,7 +2,8 @@
 
 A GGUF file (llama.cpp's format) holds the config, the tokenizer and the chat template as metadata, and the
 weights in llama.cpp's names and block-quantized types. transformers reads the metadata (`gguf_file=` in
-AutoConfig / AutoTokenizer), so config and tokenizer come from there; the weights are read here with the
+AutoConfig / AutoTokenizer), so config and tokenizer come from there (once per file: radixlm.gguf_metadata
+keeps what it derived as a folder); the weights are read here with the
 `gguf` library, dequantized one tensor at a time (peak memory: the model plus one float tensor), renamed to
 the names a Hugging Face checkpoint of the same model uses, and handed to either implementation's
 `load_weights` exactly as safetensors tensors are.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from radixlm.gguf_metadata import load_config
 from radixlm.messages import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -101,12 +103,11 @@ def load_gguf_config(path: Path):
     """The Hugging Face config transformers derives from the file's metadata, with `architectures` set
     (GGUF metadata has no class name; the implementation choice needs one)."""
     try:
-        from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise ModelLoadError(str(exc)) from exc
     try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = load_config(path)  # transformers' reading of the metadata, kept after the first time
     except ImportError as exc:
         raise ModelLoadError(f"{path} is a GGUF file; {INSTALL_HINT} ({exc})") from exc
     except (ValueError, KeyError, OSError) as exc:

@@ -29,6 +29,7 @@ class ForwardOutput:
     prompt_logprobs: torch.Tensor | None = None  # [P] float32: log_softmax at the row's target token
     prompt_top_ids: torch.Tensor | None = None  # [P, K] int64, most likely first (K: the step's largest)
     prompt_top_vals: torch.Tensor | None = None  # [P, K] float32
+    pooled: torch.Tensor | None = None  # [len(step.pool_spans), D]: pooling requests' vectors, in span order
 
 
 def scored_rows(step: StepInput) -> tuple[list[int], list[int], int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from radixlm.config import EngineConfig, ModelFacts, RuntimeConfig
+from radixlm.kv.kv_cache_dtype import KVScaleReader, resolve_kv_dtype
 from radixlm.kv.kv_pool import KVPool, LayerKV
 from radixlm.kv.req_to_token import DeviceReqToToken
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
@@ -16,6 +17,8 @@ from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
 from radixlm.model import lazy_tensor, loader, parallel, quantization
 from radixlm.model.forward_batch import ForwardBatch
+from radixlm.model.heads import pooling_impl, pooling_info, resolve_head
+from radixlm.model.pooling import pool_step
 from radixlm.model.prompt_logprobs import ForwardOutput, score_prompt
 from radixlm.model.registry import ImplChoice, choose_impl, native_architectures
 from radixlm.model.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -64,7 +67,14 @@ class ModelRunner:
         )
         self.text_config = loader.text_config(self.hf_config)
         self.dtype = loader.resolve_dtype(self.text_config, config.dtype)
+        # What the KV pool stores (--kv-cache-dtype), and the checkpoint's fp8 KV scales, if it has them.
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
+        self.kv_scales = KVScaleReader()
         self.choice: ImplChoice = choose_impl(self.hf_config, config.model_impl)
+        # What the checkpoint's head is for (generate / embed / classify); pooling heads refuse the rest.
+        self.head = resolve_head(self.hf_config, self.model_path)
+        if self.head.task != "generate":
+            self.choice = pooling_impl(self.head, config.model_impl)
         # Before any weight is read: a checkpoint quantized by a method we cannot run fails now, by name.
         self.checkpoint_format = loader.checkpoint_format(self.model_path, config.load_format)
         self.quantization = quantization.resolve_method(
@@ -115,10 +125,24 @@ class ModelRunner:
             with loader.params_on_meta():
                 model = cls(self.text_config, tp_rank=self.tp_rank, tp_size=self.tp_size)
             loader.materialize_params(model, self.device, load_dtype)
+        elif self.head.task != "generate":
+            from radixlm.model.transformers_backend.encoder import TransformersPoolingModel
+
+            model = TransformersPoolingModel(
+                self.hf_config,
+                self.model_path,
+                self.head,
+                trust_remote_code=self.config.trust_remote_code,
+                dtype=load_dtype,
+                tp_size=self.tp_size,
+            )
         else:
             from radixlm.model.transformers_backend import TransformersCausalLM
+            from radixlm.model.transformers_backend.multimodal import TransformersVLM, is_vision_language
 
-            model = TransformersCausalLM(
+            # A vision-language model: its vision tower embeds the image positions (multimodal.py).
+            cls = TransformersVLM if is_vision_language(self.hf_config) else TransformersCausalLM
+            model = cls(
                 self.hf_config,
                 self.model_path,
                 trust_remote_code=self.config.trust_remote_code,
@@ -132,8 +156,12 @@ class ModelRunner:
         read_before = lazy_tensor.READ.bytes
         loaded = model.load_weights(
             (name, t.to(load_dtype) if t.is_floating_point() else t)
-            for name, t in reader(
-                loader.iter_checkpoint(self.model_path, self.text_config, self.config.load_format, lazy=lazy)
+            for name, t in self.kv_scales(
+                reader(
+                    loader.iter_checkpoint(
+                        self.model_path, self.text_config, self.config.load_format, lazy=lazy
+                    )
+                )
             )
         )
         self.checkpoint_bytes_read = lazy_tensor.READ.bytes - read_before if lazy else None
@@ -174,7 +202,7 @@ class ModelRunner:
         return ModelFacts(
             device_type=self.device.type,
             model_context_length=int(context) if context else None,
-            kv_bytes_per_token=KVPool.layout_bytes_per_token(self._kv_layout(), self.dtype),
+            kv_bytes_per_token=KVPool.layout_bytes_per_token(self._kv_layout(), self.kv_dtype),
             free_memory_bytes=loader.default_mem_bytes(self.device),
             total_memory_bytes=loader.total_mem_bytes(self.device),
         )
@@ -182,6 +210,7 @@ class ModelRunner:
     def allocate_kv(self, runtime: RuntimeConfig, num_rows: int) -> None:
         """The KV buffers (allocated once) and the device slot table, as the runtime sized them."""
         layout = self._kv_layout()
+        k_scales, v_scales = self.kv_scales.scales(len(layout), self.kv_dtype)
         self.runtime = runtime
         if self.tp_leader is not None:
             self.tp_leader.send_kv(runtime, num_rows)
@@ -189,14 +218,17 @@ class ModelRunner:
             num_pages=runtime.num_kv_pages,
             page_size=runtime.page_size,
             layers=layout,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
+            k_scales=k_scales,
+            v_scales=v_scales,
         )
         self.req_to_token = DeviceReqToToken(num_rows, runtime.context_length + 1, self.device)
-        per_token = KVPool.layout_bytes_per_token(layout, self.dtype)
+        per_token = KVPool.layout_bytes_per_token(layout, self.kv_dtype)
         logger.info(
-            "KV pool: %d tokens (%.1f MiB), from %s",
+            "KV pool: %d tokens of %s (%.1f MiB), from %s",
             runtime.kv_capacity,
+            str(self.kv_dtype).removeprefix("torch."),
             runtime.kv_capacity * per_token / 2**20,
             runtime.kv_capacity_reason,
         )
@@ -218,9 +250,13 @@ class ModelRunner:
             quantization=self.quantization,
             weight_bytes=self.rank_param_bytes[0],
             checkpoint_format=self.checkpoint_format,
+            task=self.head.task,
+            multimodal=bool(getattr(self.model, "multimodal", False)),
+            **pooling_info(self.model, self.hf_config),
             runtime={
                 **self.runtime.as_dict(),
                 "tp_size": self.tp_size,
+                "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
                 "param_bytes_per_rank": list(self.rank_param_bytes),
                 # Checkpoint bytes each rank read (-1: read whole, no lazy slices); empty at tp_size 1.
                 "checkpoint_bytes_read_per_rank": list(self.rank_bytes_read),
@@ -249,6 +285,8 @@ class ModelRunner:
             self.tp_leader.send_step(step)  # the other ranks run the same step on their shards
         fb = self.build_forward_batch(step)
         hidden = self.model(fb.input_ids, fb.positions, fb)
+        if step.pool_spans:  # a pooling model: every span is a whole prompt to pool, none samples
+            return ForwardOutput(hidden.new_empty(0, 0), pooled=pool_step(self.model.pool, hidden, step))
         out = ForwardOutput(
             self.model.compute_logits(hidden if fb.samples_every_token else hidden[fb.sample_indices])
         )

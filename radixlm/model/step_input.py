@@ -31,6 +31,11 @@ class SpanInput:
     logprob_offset: int = 0
     logprob_targets: list[int] = field(default_factory=list)
     logprob_top: int = 0
+    # The request's images whose placeholder positions overlap this span (messages.AddRequest.images):
+    # the runner embeds their features there. Empty for text.
+    images: list[dict[str, Any]] = field(default_factory=list)
+    # M-RoPE: the request's (prompt position rows, delta) (core/request.Request.mrope), on every span of it.
+    mrope: tuple[list[list[int]], int] | None = None
 
     @property
     def length(self) -> int:
@@ -61,6 +66,8 @@ class StepInput:
     # tensor-parallel ranks.
     grammar_rows: list[int] = field(default_factory=list)
     grammar_bitmask: Any = None
+    # Pooling requests (encode): the spans, each a whole prompt, whose hidden states are pooled
+    pool_spans: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +122,7 @@ def step_to_wire(step: StepInput) -> list:
                 s.logprob_offset,
                 s.logprob_targets,
                 s.logprob_top,
+                s.images,
             ]
             for s in step.spans
         ],
@@ -132,6 +140,7 @@ def step_to_wire(step: StepInput) -> list:
             for x in step.sampling
         ],
         [step.grammar_rows, _mask_bytes(step.grammar_bitmask)],
+        step.pool_spans,
     ]
 
 
@@ -142,7 +151,7 @@ def _mask_bytes(mask: Any) -> bytes | None:
 
 
 def step_from_wire(data: list) -> StepInput:
-    spans, writes, sampling, (grammar_rows, grammar_bitmask) = data
+    spans, writes, sampling, (grammar_rows, grammar_bitmask), pool_spans = data
     return StepInput(
         spans=[SpanInput(*span) for span in spans],
         table_writes=[(row, start, slots) for row, start, slots in writes],
@@ -152,4 +161,5 @@ def step_from_wire(data: list) -> StepInput:
         ],
         grammar_rows=list(grammar_rows),
         grammar_bitmask=grammar_bitmask,
+        pool_spans=list(pool_spans),
     )

@@ -6,6 +6,8 @@
     POST /v1/completions      OpenAI completions (text, texts, token ids, token-id lists; stream; n; logprobs)
     POST /v1/chat/completions OpenAI chat (chat template; stream with include_usage; n; logprobs)
     POST /generate            SGLang's native route (the Engine's dicts; SSE when streaming)
+    POST /v1/embeddings       OpenAI embeddings; /encode SGLang's native one (openai_embeddings.py)
+    POST /v1/classify         SGLang's and vLLM's (/classify) classification (classify.py)
     GET  /get_model_info      Engine.get_model_info(): architecture, model_impl and the reason for it, ...
                               (also /model_info, SGLang's newer name)
     GET  /get_server_info     Engine.get_server_info(): KV pool usage, cache size, queue lengths, config
@@ -33,11 +35,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from radixlm.config import DEFAULT_MAX_N
+from radixlm.server.classify import ClassifyRequest, create_classification
 from radixlm.server.errors import APIError, install_error_handlers
 from radixlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from radixlm.server.native import generate
 from radixlm.server.openai_chat import create_chat_completion
 from radixlm.server.openai_completions import create_completion
+from radixlm.server.openai_embeddings import EmbeddingRequest, EncodeRequest, create_embeddings, native_encode
 from radixlm.server.parsers import check_reasoning_parser, resolve_tool_call_parser
 from radixlm.server.protocol import (
     AbortRequestBody,
@@ -141,9 +145,13 @@ def create_app(
     @routes.get("/health_generate")
     async def health_generate() -> Response:
         engine = ctx.require_engine()
+        # A pooling model cannot generate: its health check pools one token instead.
+        pooling = engine.model_info.get("task", "generate") != "generate"
         try:
             await asyncio.wait_for(
-                engine.async_generate(
+                engine.async_encode(input_ids=[0])
+                if pooling
+                else engine.async_generate(
                     input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0}
                 ),
                 HEALTH_GENERATE_TIMEOUT_S,
@@ -173,6 +181,19 @@ def create_app(
     @routes.post("/generate")
     async def generate_route(body: GenerateRequest, request: Request) -> Response:
         return await generate(ctx, body, request)
+
+    @routes.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        return await create_embeddings(ctx, body)
+
+    @routes.post("/encode")
+    async def encode_route(body: EncodeRequest) -> Response:
+        return await native_encode(ctx, body)
+
+    @routes.post("/v1/classify")
+    @routes.post("/classify")
+    async def classify(body: ClassifyRequest) -> Response:
+        return await create_classification(ctx, body)
 
     @routes.get("/get_model_info")
     @routes.get("/model_info")

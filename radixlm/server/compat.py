@@ -89,7 +89,6 @@ GENERATE_IGNORED = frozenset(
 GENERATE_REFUSED: dict[str, tuple[Any, ...]] = {
     "token_ids_logprob": (),
     "input_embeds": (),
-    "image_data": (),
     "video_data": (),
     "audio_data": (),
     "modalities": (),

@@ -57,6 +57,7 @@ async def generate(ctx: ServerContext, req: GenerateRequest, raw: Request) -> Re
             "return_logprob": req.return_logprob,
             "top_logprobs_num": req.top_logprobs_num,
             "logprob_start_len": req.logprob_start_len,
+            **({"image_data": req.image_data} if req.image_data is not None else {}),
         },
         rids,
         keys,

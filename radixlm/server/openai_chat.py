@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from radixlm.frontend.inputs import check_prompt_chars
+from radixlm.frontend.multimodal import chat_images
 from radixlm.server import structured_output
 from radixlm.server.chat_output import ChoiceOutput, make_choice_output
 from radixlm.server.errors import APIError
@@ -69,6 +70,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     # Off the event loop: parsing a large schema (or the first import of xgrammar) takes a while.
     await run_in_threadpool(structured_output.check_compiles, params, req.constraint(), engine.model_info)
     messages = req.template_messages()
+    if chat_images(messages):  # a vision-language request: the processor renders and places the images
+        return await _create_image_chat(ctx, req, raw, engine, params, messages, arrival)
     try:
         check_prompt_chars(
             sum(len(m["content"]) for m in messages),
@@ -87,12 +90,40 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         raise APIError(400, str(exc), param="messages") from exc
     except Exception as exc:  # jinja raises its own errors (raise_exception in templates)
         raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc
+    return await _complete(ctx, req, raw, engine, params, {"input_ids": input_ids}, input_ids, arrival)
+
+
+async def _create_image_chat(
+    ctx: ServerContext, req: ChatCompletionRequest, raw: Request, engine: Any, params: Any, messages: list, arrival: float
+) -> Response:
+    processor = engine.image_processor()
+    if processor is None:
+        raise APIError(400, "image_url: this model takes no images (it is not a vision-language model)", param="messages")
+    try:
+        text = await run_in_threadpool(processor.render_chat, messages, req.chat_template_kwargs)
+    except Exception as exc:  # jinja raises its own errors
+        raise APIError(400, f"the chat template failed on these messages: {exc}", param="messages") from exc
+    prompt = {"prompt": text, "image_data": [chat_images(messages)]}
+    return await _complete(ctx, req, raw, engine, params, prompt, None, arrival)
+
+
+async def _complete(
+    ctx: ServerContext,
+    req: ChatCompletionRequest,
+    raw: Request,
+    engine: Any,
+    params: Any,
+    prompt: dict[str, Any],
+    input_ids: list[int] | None,
+    arrival: float,
+) -> Response:
+    """The completion of a rendered prompt (ids, or text with its images): streamed or collected."""
     request_id = req.rid or new_request_id("chatcmpl")
     rids = engine_rids(request_id, params.n)
     top_n = req.top_logprobs or 0
     stream = await ctx.open_stream(
         {
-            "input_ids": input_ids,
+            **prompt,
             "sampling_params": params,
             "return_logprob": req.logprobs,
             "top_logprobs_num": top_n,
@@ -102,7 +133,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         arrival,
     )
     outputs = {rid: Output(rid) for rid in rids}
-    opens = _prompt_opens_reasoning(engine, input_ids) if ctx.reasoning_parser else False
+    opens = _prompt_opens_reasoning(engine, input_ids) if ctx.reasoning_parser and input_ids else False
     parsed = {rid: _choice_output(ctx, req, opens) for rid in rids}
     model = ctx.served_model_name  # whatever name the caller used (SGLang reports its own)
     if req.stream:

@@ -302,6 +302,18 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str  # a data URL or a local path (http(s) only with --allow-image-urls)
+    detail: str | None = None  # OpenAI's; the model's processor decides the resolution
+
+
+class ImagePart(_Strict):
+    """OpenAI's image content part; only a vision-language model takes it (frontend/multimodal.py)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCallIn(_Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -318,7 +330,7 @@ class ToolCallIn(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # None only for an assistant message that made tool calls (OpenAI's shape)
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None  # role "tool": which call this is the result of
@@ -343,8 +355,8 @@ class ChatMessage(_Strict):
             return handler(value)
         except ValidationError as exc:
             raise ValueError(
-                'must be a string or a list of text parts [{"type": "text", "text": ...}] '
-                "(only text content is supported)"
+                'must be a string or a list of text parts [{"type": "text", "text": ...}] and image parts '
+                '[{"type": "image_url", "image_url": {"url": ...}}]'
             ) from exc
 
     def to_template(self) -> dict[str, Any]:
@@ -353,6 +365,9 @@ class ChatMessage(_Strict):
             content = ""
         elif isinstance(self.content, str):
             content = self.content
+        elif any(isinstance(p, ImagePart) for p in self.content):
+            # The processor's chat template places the images; it takes OpenAI's parts as they are.
+            content = [p.model_dump(exclude_none=True) for p in self.content]
         else:
             content = "\n".join(p.text for p in self.content)
         # "developer" is OpenAI's new name for "system"; templates only know the old one.
@@ -514,6 +529,8 @@ class GenerateRequest(_Strict):
     # SGLang's: with return_logprob, input_token_logprobs for prompt positions from this one (-1: none)
     logprob_start_len: int = Field(default=-1, ge=-1)
     rid: str | list[str] | None = None
+    # SGLang's: per prompt an image (data URL or local path) or a list of them; vision-language models only
+    image_data: str | list[str | list[str] | None] | None = None
 
     @field_validator("sampling_params")
     @classmethod

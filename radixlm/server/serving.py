@@ -129,7 +129,7 @@ class ServerContext:
             gen = await engine.async_generate(stream=True, rid=rids, **engine_kwargs)
         except ValueError as exc:
             # The front's messages name the sampling field they are about (sampling_params.regex, ...).
-            field = re.match(r"(sampling_params\.\w+)", str(exc))
+            field = re.match(r"(sampling_params\.\w+|image_data|image_url)", str(exc))
             raise APIError(400, str(exc), param=field.group(1) if field else None) from exc
         except RuntimeError as exc:
             if not engine_alive(engine):

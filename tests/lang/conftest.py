@@ -11,7 +11,7 @@ from radixlm import Engine
 from radixlm.lang import EngineBackend, RuntimeEndpoint
 from radixlm.lang.backend import Backend
 from radixlm.testing import cached_model_folder
-from tests.server.test_server import Server, _start, _stop
+from tests.server.test_server import Server
 
 KV_TOKENS = 20000  # what tests/server/test_server.py's _start gives the server
 
@@ -29,13 +29,8 @@ def engine() -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
-    srv = _start()
-    try:
-        yield srv
-    finally:
-        clean, _ = _stop(srv)
-    assert clean, srv.log_tail()
+def server(plain_server: Server) -> Server:
+    return plain_server
 
 
 @pytest.fixture(scope="session")

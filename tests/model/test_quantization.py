@@ -78,16 +78,22 @@ def test_method_choice_and_refusals() -> None:
     assert resolve_method(None, _Cfg()) == "none"
     assert resolve_method("int4", _Cfg()) == "int4"
     with pytest.raises(
-        ModelLoadError, match=r"'awq'.*supported --quantization methods: none, int8, int4, gguf"
+        ModelLoadError,
+        match=r"'bitsandbytes'.*not supported yet.*supported --quantization methods: none, int8, int4, gguf, "
+        r"fp8, gptq, awq, compressed-tensors",
     ):
-        resolve_method(None, _Cfg({"quant_method": "awq", "bits": 4}))
+        resolve_method(None, _Cfg({"quant_method": "bitsandbytes", "load_in_4bit": True}))
     assert resolve_method(None, _Cfg({"quant_method": "gptq", "bits": 4})) == "gptq"
+    assert resolve_method(None, _Cfg({"quant_method": "awq", "bits": 4})) == "awq"
+    assert resolve_method(None, _Cfg({"quant_method": "compressed-tensors"})) == "compressed-tensors"
     with pytest.raises(ModelLoadError, match=r"'int8' was asked for.*says 'fp8'"):
         resolve_method("int8", _Cfg({"quant_method": "fp8"}))
     with pytest.raises(
-        ValueError, match="quantization must be one of none, int8, int4, gguf, fp8, gptq, got 'awq'"
+        ValueError,
+        match="quantization must be one of none, int8, int4, gguf, fp8, gptq, awq, compressed-tensors, "
+        "got 'bitsandbytes'",
     ):
-        EngineConfig(quantization="awq")
+        EngineConfig(quantization="bitsandbytes")
     with pytest.raises(ModelLoadError, match="'gguf' repacks a GGUF file's 4-bit blocks.*safetensors"):
         resolve_method("gguf", _Cfg(), "safetensors")
     assert resolve_method("gguf", _Cfg(), "gguf") == "gguf"

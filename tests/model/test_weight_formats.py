@@ -97,13 +97,20 @@ def test_errors_name_gguf(tmp_path: Path) -> None:
 
 
 def test_a_quantization_config_is_never_ignored(tmp_path: Path) -> None:
-    """A checkpoint that says it is AWQ-quantized is refused by name, before any weight is read."""
-    folder = tmp_path / "awq"
+    """A checkpoint quantized by a method radixlm does not run is refused by name, before any weight is
+    read; one that claims a method it runs over float weights is refused once the load finds none."""
+    folder = tmp_path / "bnb"
     shutil.copytree(cached_model_folder("qwen2", "tiny"), folder)
     config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError, match=r"quantized with 'bitsandbytes'.*supported --quantization methods"
+    ):
+        EngineCore(EngineConfig(model_path=str(folder), inline_core=True))
+    with pytest.raises(ModelLoadError, match=r"'int4' was asked for.*says 'bitsandbytes'"):
+        EngineCore(EngineConfig(model_path=str(folder), inline_core=True, quantization="int4"))
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"quantized with 'awq'.*supported --quantization methods"):
+    with pytest.raises(ModelLoadError, match="awq: the checkpoint holds no quantized linear"):
         EngineCore(EngineConfig(model_path=str(folder), inline_core=True))
-    with pytest.raises(ModelLoadError, match=r"'int4' was asked for.*says 'awq'"):
-        EngineCore(EngineConfig(model_path=str(folder), inline_core=True, quantization="int4"))

@@ -10,25 +10,19 @@ tiny qwen2 folder in float32).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.core.test_prompt_logprobs import ATOL, hf_prompt_logprobs
-from tests.server.test_server import Server, _start, _stop
+from tests.server.test_server import Server
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7, 300]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    srv = _start()
-    try:
-        yield srv
-    finally:
-        clean, _ = _stop(srv)
-    assert clean, srv.log_tail()
+def server(plain_server: Server) -> Server:
+    return plain_server
 
 
 def post(server: Server, path: str, body: dict) -> httpx.Response:

@@ -13,11 +13,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from tests.server.test_server import Server, _start, _stop
+from tests.server.test_server import Server
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("sglang") is None,
@@ -51,33 +50,30 @@ def constrained(s):
     s += "Call me at " + sgl.gen("phone", max_tokens=20, regex=r"[0-9]{3}-[0-9]{4}", temperature=1.0)
     s += "\nProfile: " + sgl.gen("profile", max_tokens=60, json_schema=sys.argv[3])
 
-if what == "regex":
+out = {}
+if what in ("regex", "all"):
     state = constrained.run(backend=backend)
-    print(json.dumps({"phone": state["phone"], "profile": state["profile"]}))
-elif what == "gen":
+    out.update({"phone": state["phone"], "profile": state["profile"]})
+if what in ("gen", "all"):
     state = chat.run(question="Hi there", backend=backend)
     streamed = plain.run(backend=backend, stream=True)
     pieces = list(streamed.text_iter("story"))
-    print(json.dumps({
+    out.update({
         "answer": state["answer"],
         "more": state["more"],
         "roles": [m["role"] for m in state.messages()],
         "story": plain.run(backend=backend)["story"],
         "streamed_story": "".join(pieces),
-    }))
-else:
-    print(json.dumps({"color": choose.run(backend=backend)["color"]}))
+    })
+if what in ("select", "all"):
+    out["color"] = choose.run(backend=backend)["color"]
+print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    srv = _start()
-    try:
-        yield srv
-    finally:
-        clean, _ = _stop(srv)
-    assert clean, srv.log_tail()
+def server(plain_server: Server) -> Server:
+    return plain_server
 
 
 def run_frontend(server: Server, what: str, *args: str) -> dict:
@@ -93,18 +89,6 @@ def run_frontend(server: Server, what: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_gen_and_roles(server: Server) -> None:
-    out = run_frontend(server, "gen")
-    assert isinstance(out["answer"], str) and out["answer"]
-    assert isinstance(out["more"], str) and "\n" not in out["more"]
-    assert out["roles"] == ["user", "assistant", "user", "assistant"]
-    assert out["streamed_story"] == out["story"]
-
-
-def test_select(server: Server) -> None:
-    assert run_frontend(server, "select")["color"] in ("red", "green", "blue")
-
-
 PROFILE_SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
@@ -112,12 +96,31 @@ PROFILE_SCHEMA = {
 }
 
 
-def test_gen_with_regex_and_json_schema(server: Server) -> None:
+@pytest.fixture(scope="module")
+def programs(server: Server) -> dict:
+    """Every program's results from one frontend process: starting Python and importing sglang is most of
+    what a run costs, and the programs do not depend on each other."""
+    return run_frontend(server, "all", json.dumps(PROFILE_SCHEMA))
+
+
+def test_gen_and_roles(programs: dict) -> None:
+    out = programs
+    assert isinstance(out["answer"], str) and out["answer"]
+    assert isinstance(out["more"], str) and "\n" not in out["more"]
+    assert out["roles"] == ["user", "assistant", "user", "assistant"]
+    assert out["streamed_story"] == out["story"]
+
+
+def test_select(programs: dict) -> None:
+    assert programs["color"] in ("red", "green", "blue")
+
+
+def test_gen_with_regex_and_json_schema(programs: dict) -> None:
     # SGLang's frontend sends `regex` / `json_schema` in /generate's sampling_params (issue 13).
     import re
 
     import jsonschema
 
-    out = run_frontend(server, "regex", json.dumps(PROFILE_SCHEMA))
+    out = programs
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", out["phone"]), out
     jsonschema.validate(json.loads(out["profile"]), PROFILE_SCHEMA)

@@ -30,8 +30,9 @@ class AttentionBackend(ABC):
         v: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
         chunk: int | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
-        """q: [T, H, D]. The step's K/V are already in the pool; k/v [T, Hkv, D], when given, are the same
+        """q: [T, H, D]. causal=False: bidirectional over each span's whole prompt (encoders). The step's K/V are already in the pool; k/v [T, Hkv, D], when given, are the same
         values, which a backend may read instead of gathering them back. sinks [H]: per-head logits that
         join each softmax with no value (attention sinks); chunk: a query sees only its own chunk of that many
         positions (chunked attention). Returns [T, H, Dv]."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from radixlm.layers.attention_backends.base import AttentionBackend
+from radixlm.layers.attention_backends.bidirectional import BidirectionalPlan, attend_bidirectional
 
 if TYPE_CHECKING:
     from radixlm.model.forward_batch import ForwardBatch
@@ -74,6 +75,9 @@ class _ExtendSpan:
     prefix: int  # tokens of this sequence already in the pool
     kv_idx: torch.Tensor  # [prefix + len] slots of the sequence, read when the step's own K/V are not enough
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    # Position ranges [a, b) whose tokens also see each other's later tokens (Gemma 3's image blocks, as
+    # transformers' token_type_ids mask: causal OR same block, then the window).
+    blocks: tuple[tuple[int, int], ...] = ()
 
     def mask(self, sliding_window: int | None, device: torch.device, chunk: int | None = None) -> torch.Tensor:
         """[1, 1, len, prefix + len] bool: causal over the whole history, inside the window and chunk."""
@@ -83,6 +87,8 @@ class _ExtendSpan:
             kv_pos = torch.arange(self.prefix + self.end - self.start, device=device)
             diff = q_pos[:, None] - kv_pos[None, :]
             allowed = diff >= 0
+            for a, b in self.blocks:
+                allowed |= ((q_pos >= a) & (q_pos < b))[:, None] & ((kv_pos >= a) & (kv_pos < b))[None, :]
             if sliding_window is not None:
                 allowed &= diff < sliding_window
             if chunk is not None:
@@ -96,6 +102,7 @@ class TorchAttnMetadata:
     decode: _DecodeGroup | None
     extends: list[_ExtendSpan]
     shared: SharedDecodeGroups | None = None
+    bidirectional: BidirectionalPlan | None = None  # encoder layers' groups (bidirectional.py), on first use
 
 
 class TorchAttnBackend(AttentionBackend):
@@ -121,7 +128,8 @@ class TorchAttnBackend(AttentionBackend):
         for i, n in enumerate(ext_list):
             if n > 1:
                 p = prefix_list[i]
-                extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n]))
+                blocks = fb.image_blocks.get(i, ())
+                extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n], blocks=blocks))
             start += n
         fb.attn_metadata = TorchAttnMetadata(decode, extends, shared)
 
@@ -174,14 +182,18 @@ class TorchAttnBackend(AttentionBackend):
         v: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
         chunk: int | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """sinks: one logit per query head that joins every softmax with a zero value (gpt-oss); chunk:
-        attention only inside the query's chunk of that many positions (Llama 4's chunked layers)."""
+        attention only inside the query's chunk of that many positions (Llama 4's chunked layers);
+        causal=False: every query sees its whole prompt (encoders), which must be in this step whole."""
+        if not causal:
+            return self._bidirectional(q, k, v, forward_batch, scaling, sliding_window, softcap, sinks, chunk)
         pool = forward_batch.kv_pool
         k_buf, v_buf = pool.k_buffers[layer_id], pool.v_buffers[layer_id]
         T, H, _ = q.shape
         meta: TorchAttnMetadata = forward_batch.attn_metadata
-        opts = _Scores(scaling, softcap, sinks)
+        opts = _Scores(scaling, softcap, sinks, pool.k_scales[layer_id], pool.v_scales[layer_id])
         window = _Window(sliding_window, chunk)
         if meta.decode is not None and meta.decode.token_idx is None:
             return _attend_decodes(q, k_buf, v_buf, meta.decode, opts, window)
@@ -195,6 +207,31 @@ class TorchAttnBackend(AttentionBackend):
         for sp in meta.extends:
             out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, opts, window)
         return out
+
+    @staticmethod
+    def _bidirectional(
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        fb: ForwardBatch,
+        scaling: float,
+        sliding_window: int | None,
+        softcap: float | None,
+        sinks: torch.Tensor | None,
+        chunk: int | None,
+    ) -> torch.Tensor:
+        """Encoder layers: each prompt attends over all of itself (bidirectional.py)."""
+        if k is None or v is None:
+            raise RuntimeError("bidirectional attention needs the step's own keys and values")
+        extras = [n for n, x in (("softcap", softcap), ("sinks", sinks), ("chunk", chunk)) if x is not None]
+        if extras:
+            raise NotImplementedError(
+                f"bidirectional attention with {extras[0]} is not implemented in the torch backend"
+            )
+        meta: TorchAttnMetadata = fb.attn_metadata
+        if meta.bidirectional is None:
+            meta.bidirectional = BidirectionalPlan.build(fb)
+        return attend_bidirectional(q, k, v, meta.bidirectional, scaling, sliding_window)
 
 
 @dataclass(frozen=True)
@@ -217,6 +254,9 @@ class _Scores:
     scaling: float
     softcap: float | None = None
     sinks: torch.Tensor | None = None  # [H]
+    # The pool's dequantization scales for this layer (fp8 KV, kv/kv_cache_dtype.py; 1.0 otherwise).
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     @property
     def explicit(self) -> bool:
@@ -236,6 +276,16 @@ def gather_kv(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return buf.index_select(0, slots.reshape(-1)).view(*slots.shape, *buf.shape[1:])
 
 
+def _kv_rows(buf: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Gathered pool rows in the query's dtype: an fp8 pool's rows times the layer's scale (the inverse
+    of KVPool.write's quantization); other pools' rows only cast."""
+    if buf.element_size() == 1 and buf.dtype.is_floating_point:  # fp8: gathered as bytes, like KVPool.write
+        rows = gather_kv(buf.view(torch.uint8), slots).view(buf.dtype).to(dtype)
+    else:
+        rows = gather_kv(buf, slots).to(dtype)
+    return rows if scale == 1.0 else rows * scale
+
+
 def _attend_span(
     q: torch.Tensor,
     k_new: torch.Tensor | None,
@@ -246,20 +296,22 @@ def _attend_span(
     opts: _Scores,
     window: _Window,
 ) -> torch.Tensor:
-    """One prompt span -> [len, H, Dv]. Without a prefix, the step's own K/V are the whole history: no gather."""
+    """One prompt span -> [len, H, Dv]. Without a prefix, the step's own K/V are the whole history: no gather
+    (and with an fp8 pool, the prompt attends to its K/V unrounded, as FlashInfer's ragged prefill does)."""
     H = q.shape[1]
     qh = q[sp.start : sp.end].transpose(0, 1).unsqueeze(0)  # [1, H, e, D]
     if sp.prefix == 0 and k_new is not None and v_new is not None:
         k, v = k_new[sp.start : sp.end].to(q.dtype), v_new[sp.start : sp.end].to(q.dtype)
     else:
-        k, v = gather_kv(k_buf, sp.kv_idx).to(q.dtype), gather_kv(v_buf, sp.kv_idx).to(q.dtype)
+        k = _kv_rows(k_buf, sp.kv_idx, q.dtype, opts.k_scale)
+        v = _kv_rows(v_buf, sp.kv_idx, q.dtype, opts.v_scale)
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     gqa = kh.shape[1] != H
     scaling = opts.scaling
     if opts.explicit:
         mask = sp.mask(window.sliding, q.device, window.chunk)
         o = _explicit_attention(qh, kh, vh, mask, opts, opts.sinks_as(1, H, 1))
-    elif sp.prefix == 0 and window.full:
+    elif sp.prefix == 0 and window.full and not sp.blocks:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
         mask = sp.mask(window.sliding, q.device, window.chunk)
@@ -277,8 +329,8 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """The decode group -> [B, H, Dv], in span order."""
     q1 = q if g.token_idx is None else q.index_select(0, g.token_idx)  # [B, H, D]
-    k = gather_kv(k_buf, g.kv_idx).to(q.dtype)  # [B, L, Hkv, D]
-    v = gather_kv(v_buf, g.kv_idx).to(q.dtype)
+    k = _kv_rows(k_buf, g.kv_idx, q.dtype, opts.k_scale)  # [B, L, Hkv, D]
+    v = _kv_rows(v_buf, g.kv_idx, q.dtype, opts.v_scale)
     return _decode_attention(q1, k, v, g.mask(window.sliding, window.chunk), opts)
 
 
@@ -301,8 +353,8 @@ def _attend_shared(
     G = H // Hkv
     qs = q.index_select(0, sh.token_idx.reshape(-1)).view(Gn, Kmax, Hkv, G, D)
     qs = qs.permute(0, 2, 1, 3, 4).reshape(Gn, Hkv, Kmax * G, D)
-    kh = gather_kv(k_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)  # [Gn, Hkv, L, D]
-    vh = gather_kv(v_buf, sh.kv_idx).to(q.dtype).transpose(1, 2)
+    kh = _kv_rows(k_buf, sh.kv_idx, q.dtype, opts.k_scale).transpose(1, 2)  # [Gn, Hkv, L, D]
+    vh = _kv_rows(v_buf, sh.kv_idx, q.dtype, opts.v_scale).transpose(1, 2)
     mask = sh.mask(window.sliding, G, window.chunk)
     if not opts.explicit:
         o = F.scaled_dot_product_attention(qs, kh, vh, attn_mask=mask, scale=opts.scaling)

@@ -12,10 +12,12 @@ embedding keeps its float rows for lookups): at the 0.5B shape it is over a quar
 decode step reads. `gguf` does the same on a GGUF file's weights, but finds each Q4_0 / Q4_1 block's own
 integers again instead of rounding anew (gguf.py).
 
-Checkpoint formats (`fp8`, `gptq`) come with a reader that the runner puts between the checkpoint and the
-layers: it turns each format's group of tensors (weight + weight_scale_inv; qweight + qzeros + scales +
-g_idx) into the float weight the layers' loaders expect. fp8 stops there (dense compute); gptq keeps the
-codes and scales aside, and `quantize_model` packs each linear from them after load.
+Checkpoint formats (`fp8`, `gptq`, `awq`, `compressed-tensors`) come with a reader that the runner puts
+between the checkpoint and the layers: it turns each format's group of tensors (weight + weight_scale_inv;
+qweight + qzeros + scales + g_idx; weight_packed + weight_scale + ...) into the float weight the layers'
+loaders expect. fp8 stops there (dense compute); the integer formats keep the codes and scales aside
+(repack.py) and `quantize_model` packs each linear from them after load into the int4 / int8 kernels, or
+leaves it dense where the kernels cannot take the format, saying why.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from torch import nn
 
 from radixlm.config import QUANTIZATION_METHODS
 from radixlm.messages import ModelLoadError
-from radixlm.model.quantization import fp8, gptq
+from radixlm.model.quantization import awq, fp8, gptq
 from radixlm.model.quantization.base import QuantizedWeight, WeightOnlyMethod
+from radixlm.model.quantization.compressed_tensors import CompressedTensorsReader
 from radixlm.model.quantization.gguf import GGUFRepack
 from radixlm.model.quantization.int4 import Int4WeightOnly
 from radixlm.model.quantization.int8 import Int8WeightOnly
+from radixlm.model.quantization.repack import RepackingReader, linear_parts, packed_weight
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +55,19 @@ class _FP8Reader:
         return fp8.dequantize_stream(weights, self.hf_config)
 
 
-# Checkpoint formats read here: their tensors are turned into float weights as they stream in (gptq also
-# keeps its int4 codes aside, for the repack after load).
-CHECKPOINT_STREAMS = {"fp8": _FP8Reader, "gptq": gptq.GPTQReader}
+# Checkpoint formats read here: their tensors are turned into float weights as they stream in (the integer
+# formats also keep their codes aside, for the repack after load).
+CHECKPOINT_STREAMS = {
+    "fp8": _FP8Reader,
+    "gptq": gptq.GPTQReader,
+    "awq": awq.AWQReader,
+    "compressed-tensors": CompressedTensorsReader,
+}
 assert set(METHODS) | set(CHECKPOINT_STREAMS) | {"none"} == set(QUANTIZATION_METHODS), (
     "QUANTIZATION_METHODS drifted"
 )
 # Checkpoint formats users ask about, for the refusal's wording ("not supported yet" vs "unknown").
 KNOWN_CHECKPOINT_METHODS = (
-    "awq",
-    "compressed-tensors",
     "bitsandbytes",
     "hqq",
     "eetq",
@@ -156,8 +163,10 @@ def checkpoint_reader(method: str, hf_config, tp_size: int = 1):
     reader = CHECKPOINT_STREAMS.get(method)
     if reader is None:
         return lambda weights: weights
-    if method == "gptq" and tp_size > 1:
-        raise ModelLoadError("gptq checkpoints under tensor parallelism are not supported yet; use tp_size 1")
+    if isinstance(reader, type) and issubclass(reader, RepackingReader) and tp_size > 1:
+        raise ModelLoadError(
+            f"{method} checkpoints under tensor parallelism are not supported yet; use tp_size 1"
+        )
     return reader(hf_config)
 
 
@@ -176,8 +185,8 @@ def quantize_model(
     report = QuantReport(method)
     if method == "none":
         return report
-    if isinstance(reader, gptq.GPTQReader):
-        return _repack_gptq(model, reader, dtype, report)
+    if isinstance(reader, RepackingReader):
+        return _repack(model, reader, dtype, report)
     if method in CHECKPOINT_STREAMS:
         report.detail = f"{method} checkpoint dequantized at load; dense matmuls in the model's dtype"
         return report
@@ -200,25 +209,27 @@ def quantize_model(
     return report
 
 
-def _repack_gptq(model: nn.Module, reader, dtype: torch.dtype | None, report: QuantReport) -> QuantReport:
-    """Every linear whose checkpoint pieces were GPTQ: packed as int4 from their own codes and scales."""
-    from radixlm.model.quantization.int4 import Int4Weight
-
-    mapping = getattr(model, "packed_modules_mapping", {})
+def _repack(
+    model: nn.Module, reader: RepackingReader, dtype: torch.dtype | None, report: QuantReport
+) -> QuantReport:
+    """Every linear whose checkpoint pieces the kernels take: packed from their own codes and scales
+    (repack.py); the rest stays dense (dequantized at load, and the reader says why)."""
+    report.detail = reader.describe()
+    if not reader.parts:  # e.g. an fp8 compressed-tensors checkpoint: dequantized, nothing to pack
+        if not reader.dense_notes:
+            raise ModelLoadError(f"{reader.method}: the checkpoint holds no quantized linear")
+        return report
     with torch.inference_mode():
-        for name, mod in _targets(model):
-            parts = gptq.fused_parts(reader, name, mapping)
+        for name, mod, parts in linear_parts(model, reader, _targets(model)):
             if parts is None:
-                report.dense[name] = "not quantized in the checkpoint"
+                report.dense[name] = "not repacked (see above)"
                 continue
-            qweight = Int4Weight.from_parts(
-                parts.codes, parts.scale, parts.zero, parts.group_size, dtype or mod.weight.dtype
-            )
-            _install(model, name, mod, qweight)
+            _install(model, name, mod, packed_weight(parts, dtype or mod.weight.dtype))
             report.quantized += 1
     if report.quantized == 0:
-        raise ModelLoadError("gptq: no linear of the model matched the checkpoint's quantized tensors")
-    report.detail = "int4 codes and scales from the checkpoint, repacked"
+        raise ModelLoadError(
+            f"{reader.method}: no linear of the model matched the checkpoint's quantized tensors"
+        )
     return report
 
 

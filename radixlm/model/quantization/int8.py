@@ -23,6 +23,15 @@ class Int8Weight(QuantizedWeight):
         # The kernel wants scales in the activation dtype.
         self.scales = scale.to(dtype or weight.dtype).contiguous()
 
+    @classmethod
+    def from_parts(cls, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+        """Given int8 codes [out, in] and per-channel scales [out] (a checkpoint's own: repack.py)."""
+        self = cls.__new__(cls)
+        self.out_features, self.in_features = q.shape
+        self.qweight = q.to(torch.int8).contiguous()
+        self.scales = scale.to(dtype).contiguous()
+        return self
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2, lead = self._flat(x)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)

@@ -176,12 +176,14 @@ class TransformersCausalLM(nn.Module):
         dtype: torch.dtype,
         tp_rank: int = 0,
         tp_size: int = 1,
+        model_cls: type | None = None,
     ) -> None:
-        """tp_size > 1: this rank's shard, built from the config's base_model_tp_plan (see tp_plan.py)."""
+        """tp_size > 1: this rank's shard, built from the config's base_model_tp_plan (see tp_plan.py).
+        model_cls: the transformers class to build instead of the causal LM (pooling models, encoder.py)."""
         super().__init__()
         from radixlm.model.loader import params_on_meta
 
-        cls = resolve_model_class(config, model_path, trust_remote_code)
+        cls = model_cls or resolve_model_class(config, model_path, trust_remote_code)
         check_supports_attention_backend(cls)
         _register_attention()
         config._attn_implementation = ATTN_IMPLEMENTATION
