@@ -43,6 +43,8 @@ class DecodeRow:
     system: str
     decode_tok_s: float
     rounds: list[float] = field(default_factory=list)
+    # The bound is for the float weights in --dtype: a row whose weights are quantized reads fewer bytes.
+    float_weights: bool = True
 
     def ms_per_token(self) -> float:
         return 1e3 / self.decode_tok_s if self.decode_tok_s > 0 else float("nan")
@@ -73,9 +75,12 @@ class DecodeReport:
         first = self.rows[0].decode_tok_s if self.rows else float("nan")
         lines = [
             f"{r.system:<40} {r.decode_tok_s:>8.2f} {r.ms_per_token():>8.1f} "
-            f"{r.decode_tok_s / self.bound_tok_s:>8.0%} {first / r.decode_tok_s:>10.2f}"
+            + (f"{r.decode_tok_s / self.bound_tok_s:>8.0%}" if r.float_weights else f"{'-':>8}")
+            + f" {first / r.decode_tok_s:>10.2f}"
             for r in self.rows
         ]
+        if any(not r.float_weights for r in self.rows):
+            lines.append("('-': quantized weights, fewer bytes per token than the float bound assumes)")
         return "\n".join(head + lines + [f"note: {n}" for n in self.notes])
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +175,9 @@ def _radixlm_row(config: EngineConfig, impl: str, prompt: list[int], ns: argpars
 
     engine = Engine(**{f: getattr(config.replace(model_impl=impl), f) for f in EngineConfig.field_names()})
     try:
-        label = f"radixlm ({engine.get_model_info()['model_impl']})"
+        info = engine.get_model_info()
+        label = f"radixlm ({info['model_impl']})"
+        dense = info.get("quantization", "none") == "none"
 
         def timed(n: int) -> float:
             engine.flush_cache()
@@ -187,7 +194,7 @@ def _radixlm_row(config: EngineConfig, impl: str, prompt: list[int], ns: argpars
         rates = [two_point_rate(timed, ns.decode_tokens) for _ in range(ns.rounds)]
     finally:
         engine.shutdown()
-    return DecodeRow(label, max(rates), rates)
+    return DecodeRow(label, max(rates), rates, float_weights=dense)
 
 
 def _hf_row(model: Any, prompt: list[int], ns: argparse.Namespace) -> DecodeRow:
@@ -271,7 +278,7 @@ def _llama_cpp_row(model_path: str, prompt: list[int], threads: int, ns: argpars
                 f"llama.cpp generated {r['generated']} tokens, asked for {1 + ns.decode_tokens}"
             )
         rates.append(ns.decode_tokens / (r["full"] - r["one"]) if r["full"] > r["one"] else float("nan"))
-    return DecodeRow(f"llama.cpp {out['version']}", max(rates), rates)
+    return DecodeRow(f"llama.cpp {out['version']}", max(rates), rates, float_weights=False)
 
 
 def run_decode_bench(ns: argparse.Namespace) -> DecodeReport:
