@@ -10,22 +10,19 @@ packed along the output axis in AWQ's column order [0, 2, 4, 6, 1, 3, 5, 7], fp1
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from radixlm.config import EngineConfig
 from radixlm.core.engine_core import EngineCore
 from radixlm.messages import ModelLoadError
 from radixlm.model.quantization.int4 import Int4Weight
-from radixlm.testing import cached_model_folder
 from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy, random_prompts
+from tests.quant_checkpoints import write_quantized_pair
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP = 32
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -65,31 +62,15 @@ def _quantize(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
 
 def _write(tmp: Path) -> tuple[Path, Path, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    src = cached_model_folder("qwen2", "tiny")
-    q_dir, ref_dir = tmp / "awq", tmp / "ref"
-    for d in (q_dir, ref_dir):
-        shutil.copytree(src, d)
-    q_state, ref_state, awq_parts, deq_by_stem = {}, {}, {}, {}
-    for name, t in load_file(str(src / "model.safetensors")).items():
-        stem, _, kind = name.rpartition(".")
-        if kind == "weight" and stem.rsplit(".", 1)[-1] in LINEARS:
-            tensors, deq = _quantize(t.float())
-            q_state.update({f"{stem}.{k}": v for k, v in tensors.items()})
-            ref_state[name] = deq
-            awq_parts[stem], deq_by_stem[stem] = tensors, deq
-        else:
-            q_state[name] = ref_state[name] = t
-    save_file(q_state, str(q_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(ref_state, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((q_dir / "config.json").read_text())
-    cfg["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": GROUP,
-        "zero_point": True,
-        "version": "gemm",
-    }
-    (q_dir / "config.json").write_text(json.dumps(cfg))
+    awq_parts, deq_by_stem = {}, {}
+
+    def quantize(stem: str, w: torch.Tensor):
+        tensors, deq = _quantize(w)
+        awq_parts[stem], deq_by_stem[stem] = tensors, deq
+        return tensors, deq
+
+    config = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
+    q_dir, ref_dir = write_quantized_pair(tmp, "awq", quantize, config)
     return q_dir, ref_dir, awq_parts, deq_by_stem
 
 

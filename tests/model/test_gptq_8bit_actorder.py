@@ -13,23 +13,19 @@ stands for (float32). The reference dequantization here is written independently
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from radixlm.config import EngineConfig
 from radixlm.core.engine_core import EngineCore
 from radixlm.model.quantization.int4 import Int4Weight
 from radixlm.model.quantization.int8 import Int8Weight
 from radixlm.model.quantization.repack import PermutedInput
-from radixlm.testing import cached_model_folder
 from tests.parity_utils import assert_greedy_match, drive_core, hf_greedy, random_prompts
-
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from tests.quant_checkpoints import write_quantized_pair
 
 
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,35 +64,21 @@ _INPUT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "ml
 
 
 def _write(tmp: Path, bits: int, group: int, act_order: str | None) -> tuple[Path, Path]:
-    src = cached_model_folder("qwen2", "tiny")
-    q_dir, ref_dir = tmp / "gptq", tmp / "ref"
-    for d in (q_dir, ref_dir):
-        shutil.copytree(src, d)
     gen = torch.Generator().manual_seed(11)
-    q_state, ref_state, orders = {}, {}, {}
-    for name, t in load_file(str(src / "model.safetensors")).items():
-        stem, _, kind = name.rpartition(".")
-        if kind == "weight" and stem.rsplit(".", 1)[-1] in LINEARS:
-            g_idx = None
-            if act_order:  # each input column's group: a random balanced assignment, as desc_act gives
-                leaf = stem.rsplit(".", 1)[-1]
-                key = stem if act_order == "own" else stem.rsplit(".", 2)[0] + _INPUT.get(leaf, leaf)
-                if key not in orders:
-                    orders[key] = torch.randperm(t.shape[1], generator=gen) // group
-                g_idx = orders[key]
-            tensors, deq = _quantize(t.float(), bits, group, g_idx)
-            q_state.update({f"{stem}.{k}": v for k, v in tensors.items()})
-            ref_state[name] = deq
-        else:
-            q_state[name] = ref_state[name] = t
-    save_file(q_state, str(q_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(ref_state, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((q_dir / "config.json").read_text())
-    cfg["quantization_config"] = {
-        "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": bool(act_order), "sym": True,
-    }  # fmt: skip
-    (q_dir / "config.json").write_text(json.dumps(cfg))
-    return q_dir, ref_dir
+    orders: dict[str, torch.Tensor] = {}
+
+    def quantize(stem: str, w: torch.Tensor):
+        g_idx = None
+        if act_order:  # each input column's group: a random balanced assignment, as desc_act gives
+            leaf = stem.rsplit(".", 1)[-1]
+            key = stem if act_order == "own" else stem.rsplit(".", 2)[0] + _INPUT.get(leaf, leaf)
+            if key not in orders:
+                orders[key] = torch.randperm(w.shape[1], generator=gen) // group
+            g_idx = orders[key]
+        return _quantize(w, bits, group, g_idx)
+
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": bool(act_order), "sym": True}
+    return write_quantized_pair(tmp, "gptq", quantize, config)
 
 
 CASES = {

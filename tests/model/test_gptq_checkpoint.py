@@ -6,21 +6,18 @@ implementations). The reference dequantization below is written independently of
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from radixlm.config import EngineConfig
 from radixlm.core.engine_core import EngineCore
 from radixlm.messages import ModelLoadError
 from radixlm.model.quantization.int4 import Int4Weight
-from radixlm.testing import cached_model_folder
 from tests.parity_utils import drive_core, random_prompts
+from tests.quant_checkpoints import write_quantized_pair
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP = 32
 
 
@@ -56,32 +53,9 @@ def _quantize(w: torch.Tensor, sym: bool, g: torch.Generator):
 
 
 def _write(tmp: Path, sym: bool) -> tuple[Path, Path]:
-    src = cached_model_folder("qwen2", "tiny")
-    q_dir, ref_dir = tmp / "gptq", tmp / "ref"
-    for d in (q_dir, ref_dir):
-        shutil.copytree(src, d)
     g = torch.Generator().manual_seed(3)
-    q_state, ref_state = {}, {}
-    for name, t in load_file(str(src / "model.safetensors")).items():
-        stem, _, kind = name.rpartition(".")
-        if kind == "weight" and stem.rsplit(".", 1)[-1] in LINEARS:
-            tensors, deq = _quantize(t.float(), sym, g)
-            q_state.update({f"{stem}.{k}": v.contiguous() for k, v in tensors.items()})
-            ref_state[name] = deq
-        else:
-            q_state[name] = ref_state[name] = t
-    save_file(q_state, str(q_dir / "model.safetensors"), metadata={"format": "pt"})
-    save_file(ref_state, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((q_dir / "config.json").read_text())
-    cfg["quantization_config"] = {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": GROUP,
-        "desc_act": False,
-        "sym": sym,
-    }
-    (q_dir / "config.json").write_text(json.dumps(cfg))
-    return q_dir, ref_dir
+    config = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": sym}
+    return write_quantized_pair(tmp, "gptq", lambda _stem, w: _quantize(w, sym, g), config)
 
 
 def _core(path: Path, impl: str) -> EngineCore:
