@@ -30,6 +30,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         tp = _base_type(f.type)
         if tp is bool:
             group.add_argument(*flags, dest=f.name, action="store_true", default=f.default, help=help_text)
+            if "negative" in f.metadata:  # SGLang's spelling of the off switch, e.g. --disable-torch-compile
+                group.add_argument(f.metadata["negative"], dest=f.name, action="store_false", help="(the opposite)")
             continue
         kwargs: dict[str, Any] = {
             "type": tp,

@@ -171,6 +171,13 @@ class EngineConfig:
         "F.linear; dense: F.linear everywhere (transformers' kernel); packed: prepacked everywhere.",
         choices=LINEAR_KERNELS,
     )
+    enable_torch_compile: bool = _opt(
+        False,
+        "Compile the decoder with torch.compile (inductor; native implementations, tp_size 1): graphs are "
+        "built lazily on the first steps (tens of seconds on a CPU, cached on disk for later starts); "
+        "attention stays in the attention backend. Off by default: see BENCHMARKS.md for where it pays.",
+        negative="--disable-torch-compile",
+    )
     grammar_backend: str = _opt(
         "xgrammar",
         "Constrained decoding (json_schema, regex, ebnf, structural_tag, response_format, guided_*, "

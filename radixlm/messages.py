@@ -142,7 +142,7 @@ class ControlReply:
     error: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: only the new tokens; the front accumulates.
 
@@ -278,24 +278,26 @@ class _Codec:
     @staticmethod
     def output_to_wire(o: RequestOutput) -> list[Any]:
         # A positional list, not a map: a step's outputs are the bulk of the traffic (hundreds per step).
+        # The logprob and embedding fields only when one is set: a plain decode's output is 6 values.
         fr = o.finish_reason
         reason = None if fr is None else [fr.type, fr.matched, fr.length, fr.message, fr.abort_kind]
-        return [
-            o.rid,
-            o.new_token_ids,
-            reason,
-            o.prompt_tokens,
-            o.completion_tokens,
-            o.cached_tokens,
+        head = [o.rid, o.new_token_ids, reason, o.prompt_tokens, o.completion_tokens, o.cached_tokens]
+        lps, tops, in_lps, in_tops = (
             o.new_logprobs,
             o.new_top_logprobs,
             o.new_input_logprobs,
             o.new_input_top_logprobs,
-            o.embedding,
-        ]
+        )
+        if lps or tops or in_lps or in_tops or o.embedding is not None:
+            head += [lps, tops, in_lps, in_tops, o.embedding]
+        return head
 
     @staticmethod
     def output_from_wire(w: list[Any]) -> RequestOutput:
+        if len(w) == 6:
+            rid, ids, reason, prompt, completion, cached = w
+            fr = None if reason is None else FinishReason(*reason)
+            return RequestOutput(rid, ids, fr, prompt, completion, cached, [], [], [], [], None)
         rid, ids, reason, prompt, completion, cached, lps, tops, in_lps, in_tops, embedding = w
         fr = None if reason is None else FinishReason(*reason)
         return RequestOutput(

@@ -105,7 +105,10 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=3, help="rounds per system; the best counts (default: 3)"
     )
     parser.add_argument(
-        "--impls", default="auto", help="radixlm implementations, comma-separated: auto,transformers"
+        "--impls",
+        default="auto",
+        help="radixlm implementations, comma-separated: auto,transformers; IMPL+compile adds a row with "
+        "--enable-torch-compile (e.g. auto,auto+compile)",
     )
     parser.add_argument(
         "--quantization", default=None, help="radixlm's rows: --quantization (e.g. gguf, int8, int4)"
@@ -173,10 +176,15 @@ def two_point_rate(timed: Callable[[int], float], decode_tokens: int) -> float:
 def _radixlm_row(config: EngineConfig, impl: str, prompt: list[int], ns: argparse.Namespace) -> DecodeRow:
     from radixlm import Engine
 
-    engine = Engine(**{f: getattr(config.replace(model_impl=impl), f) for f in EngineConfig.field_names()})
+    impl, _, variant = impl.partition("+")
+    if variant not in ("", "compile"):
+        raise ValueError(f"--impls entry {impl}+{variant}: the only variant is +compile")
+    compiled = variant == "compile"
+    config = config.replace(model_impl=impl, enable_torch_compile=compiled)
+    engine = Engine(**{f: getattr(config, f) for f in EngineConfig.field_names()})
     try:
         info = engine.get_model_info()
-        label = f"radixlm ({info['model_impl']})"
+        label = f"radixlm ({info['model_impl']}{', torch.compile' if compiled else ''})"
         dense = info.get("quantization", "none") == "none"
 
         def timed(n: int) -> float:

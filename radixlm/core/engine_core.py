@@ -239,18 +239,20 @@ class EngineCore:
         outputs += self._drain_scheduler_aborts()
         if step is None:
             return outputs
-        self._fill_grammar_masks(step.sampling_spans, step.step_input)
+        step_input = step.step_input
+        if not step_input.plain_greedy:  # plain greedy rows have no grammar
+            self._fill_grammar_masks(step.sampling_spans, step_input)
         self.num_steps += 1
         self.num_tokens_computed += step.num_tokens
-        fwd = self.runner.forward(step.step_input)
-        sampled = self.runner.sample(fwd.logits, step.step_input) if step.step_input.sampling else None
+        fwd = self.runner.forward(step_input)
+        sampled = self.runner.sample(fwd.logits, step_input) if step_input.sampling else None
         self.scheduler.commit(step)
         prompt = self._prompt_logprobs(step.spans, fwd)
         if fwd.pooled is not None:
-            for i, vec in zip(step.step_input.pool_spans, fwd.pooled.float().tolist()):
+            for i, vec in zip(step_input.pool_spans, fwd.pooled.float().tolist()):
                 step.spans[i].req.embedding = vec
         if sampled is not None:
-            outputs += self._process_samples(step.sampling_spans, sampled, prompt)
+            outputs += self._process_samples(step.sampling_spans, sampled, prompt, step_input.plain_greedy)
         for span in step.spans:
             req = span.req
             if span.ends_without_sample and not req.finished:  # max_new_tokens=0: the prompt was all
@@ -306,8 +308,14 @@ class EngineCore:
         self.total_cached_tokens += req.cached_tokens
 
     def _process_samples(
-        self, spans: list[Span], sampled: SamplerOutput, prompt: dict[Request, tuple[list, list]]
+        self,
+        spans: list[Span],
+        sampled: SamplerOutput,
+        prompt: dict[Request, tuple[list, list]],
+        plain_greedy: bool = False,
     ) -> list[RequestOutput]:
+        if plain_greedy and not prompt:
+            return self._process_greedy(spans, sampled)
         tokens = sampled.next_token_ids.tolist()
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_ids = sampled.top_logprobs_ids.tolist() if sampled.top_logprobs_ids is not None else None
@@ -329,6 +337,23 @@ class EngineCore:
             if reason is not None:
                 self._finish(req, reason)
             outputs.append(self._output(req, [tokens[i]], new_lp, new_top, *prompt.pop(req, ([], []))))
+        return outputs
+
+    def _process_greedy(self, spans: list[Span], sampled: SamplerOutput) -> list[RequestOutput]:
+        """_process_samples for a step whose sampling rows are all plain greedy (no logprobs, no grammar)
+        and that reports no prompt logprobs: the same outputs, without the per-row checks for those."""
+        context = self.runtime.context_length
+        check = self.stop_checker.check
+        outputs = []
+        for span, token in zip(spans, sampled.next_token_ids.tolist(), strict=True):
+            req = span.req
+            ids = req.token_ids
+            ids.append(token)
+            reason = check(req, context)
+            if reason is not None:
+                self._finish(req, reason)
+            n = req.num_prompt_tokens
+            outputs.append(RequestOutput(req.rid, [token], reason, n, len(ids) - n, req.cached_tokens))
         return outputs
 
     @staticmethod

@@ -63,10 +63,31 @@ class Request:
     # M-RoPE models (Qwen2-VL) with images: (the prompt's three position rows, the delta after the prompt),
     # from the model's get_rope_index when the request arrived (model/mrope.py). Plain ints.
     mrope: tuple[list[list[int]], int] | None = field(default=None, repr=False)
+    # Which per-step work this request can skip, decided once when it reaches the scheduler
+    # (Scheduler.add_request, after images, M-RoPE rows and the grammar are attached; see mark_plain):
+    # plain_spans: no images, M-RoPE rows, pooling or prompt logprobs, so its spans need no checks for them;
+    # plain_greedy: its token is the argmax of the raw logits (greedy, no penalties, logit_bias,
+    # min_new_tokens, grammar or logprobs), so sampling builds nothing for it.
+    plain_spans: bool = field(default=False, repr=False)
+    plain_greedy: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         k = self.logprob_start_len
         self.next_logprob_pos = max(k - 1, 0) if k >= 0 else self.num_prompt_tokens - 1
+
+    def mark_plain(self) -> None:
+        """Set plain_spans / plain_greedy from what the request uses (its fields are final by now)."""
+        self.plain_spans = not (self.images or self.mrope is not None or self.pooling or self.scores_prompt)
+        p = self.params
+        self.plain_greedy = (
+            p.is_greedy
+            and not p.has_penalties
+            and not p.logit_bias
+            and p.min_new_tokens == 0
+            and self.grammar is None
+            and not self.return_logprob
+            and not self.top_logprobs_num
+        )
 
     @property
     def logprob_end(self) -> int:
@@ -109,4 +130,3 @@ class Request:
     def finish(self, reason: FinishReason) -> None:
         self.finish_reason = reason
         self.status = RequestStatus.FINISHED
-

@@ -19,7 +19,7 @@ Chunking bounds the prompt tokens of a step, so a long prompt never stalls the r
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from radixlm.core.images import fit_image_blocks
 from radixlm.core.request import Request, RequestStatus
@@ -33,12 +33,18 @@ from radixlm.model.step_input import SamplingInput, SpanInput, StepInput
 SHARED_PREFIX_WAIT_THRESHOLD = 32
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     req: Request
     start: int  # == req.num_computed_tokens when scheduled
     length: int
     slots: list[int]  # KV slots for the new tokens
+    # The span reaches the end of the request's tokens (decided when it is scheduled; the tokens appended
+    # after its forward do not change what this step computed): it samples the next token, unless the
+    # request wants none (max_new_tokens=0: a prompt computed only for its logprobs or its cache), which
+    # then ends without a sample and the core finishes it after commit.
+    samples: bool = False
+    ends_without_sample: bool = False
     # Prompt logprobs: positions scored_from .. scored_from + num_scored - 1 are scored in this span.
     scored_from: int = 0
     num_scored: int = 0
@@ -47,29 +53,23 @@ class Span:
     def reaches_end(self) -> bool:
         return self.start + self.length == self.req.num_tokens
 
-    @property
-    def samples(self) -> bool:
-        # max_new_tokens=0 (a prompt computed only for its logprobs or its cache): nothing is sampled.
-        return self.reaches_end and self.req.params.max_new_tokens > 0
 
-    @property
-    def ends_without_sample(self) -> bool:
-        """The span completes a request that wants no output token: the core finishes it after commit."""
-        return self.reaches_end and self.req.params.max_new_tokens == 0
+def _span(req: Request, start: int, length: int, slots: list[int]) -> Span:
+    if start + length != len(req.token_ids):
+        return Span(req, start, length, slots)
+    wants = req.params.max_new_tokens > 0
+    return Span(req, start, length, slots, wants, not wants)
 
 
 @dataclass
 class ScheduledStep:
     spans: list[Span]
     step_input: StepInput
+    sampling_spans: list[Span] = field(default_factory=list)  # the spans that sample, in span order
 
     @property
     def num_tokens(self) -> int:
         return sum(s.length for s in self.spans)
-
-    @property
-    def sampling_spans(self) -> list[Span]:
-        return [s for s in self.spans if s.samples]
 
 
 @dataclass
@@ -115,9 +115,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_retractions = 0
         self._aborted: list[Request] = []
+        # Running requests that are not plain_spans / not plain_greedy (Request.mark_plain): while both
+        # are 0, a step builds its inputs with no per-span feature checks and samples by one argmax.
+        self._num_featured = 0
+        self._num_not_greedy = 0
 
     # ---- queue ------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        req.mark_plain()
         self.waiting.append(req)
 
     def drain_aborted(self) -> list[Request]:
@@ -152,9 +157,13 @@ class Scheduler:
         spans += self._admit_waiting(budget, spans)
         if not spans:
             return None
-        return ScheduledStep(spans, self._step_input(spans))
+        sampling_spans = [s for s in spans if s.samples]
+        return ScheduledStep(spans, self._step_input(spans, sampling_spans), sampling_spans)
 
     def _schedule_running(self, budget: _StepBudget) -> list[Span]:
+        decodes = self._schedule_decodes()
+        if decodes is not None:
+            return decodes
         spans: list[Span] = []
         i = 0
         while i < len(self.running):
@@ -181,9 +190,32 @@ class Scheduler:
                 continue
             if n > 1:
                 budget.take(n)
-            spans.append(Span(req, req.num_computed_tokens, n, slots))
+            spans.append(_span(req, req.num_computed_tokens, n, slots))
             i += 1
         return spans
+
+    def _schedule_decodes(self) -> list[Span] | None:
+        """The common step: every running request decodes (one token each, no images to fit) and the pool
+        has a slot for each without evicting. Their slots in one KVManager call; the spans as the general
+        loop would make them. None (nothing changed): the general loop decides."""
+        running = self.running
+        if not running or self._num_featured:
+            return None
+        states = []
+        for req in running:
+            if len(req.token_ids) - req.num_computed_tokens != 1:
+                return None
+            states.append(req.kv)
+        slots = self.kv.extend_decodes(states)
+        if slots is None:
+            return None
+        # A decode reaches the end of its tokens: it samples (_span), as every generating request does.
+        return [
+            Span(req, req.num_computed_tokens, 1, s, True, False)
+            if req.params.max_new_tokens > 0
+            else _span(req, req.num_computed_tokens, 1, s)
+            for req, s in zip(running, slots, strict=True)
+        ]
 
     def _admit_waiting(self, budget: _StepBudget, spans: list[Span]) -> list[Span]:
         admitted: list[Span] = []
@@ -240,7 +272,11 @@ class Scheduler:
         self.waiting.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        return Span(req, match.length, n, slots)
+        if not req.plain_spans:
+            self._num_featured += 1
+        if not req.plain_greedy:
+            self._num_not_greedy += 1
+        return _span(req, match.length, n, slots)
 
     def _shares_prefix_in_progress(self, req: Request, matched: int, in_progress: list[Request]) -> bool:
         if not in_progress or not self.kv.cache.shares_prefixes:
@@ -254,7 +290,25 @@ class Scheduler:
                 return True
         return False
 
-    def _step_input(self, spans: list[Span]) -> StepInput:
+    def _step_input(self, spans: list[Span], sampling_spans: list[Span]) -> StepInput:
+        plain_greedy = not self._num_not_greedy
+        if not self._num_featured:
+            # No running request has images, M-RoPE rows, pooling or prompt logprobs: no checks per span.
+            inputs = [
+                SpanInput(r.kv.row, s.start, r.token_ids[s.start : s.start + s.length], s.slots, s.samples)
+                for s in spans
+                for r in (s.req,)
+            ]
+            if plain_greedy:  # no penalties, so no token lists; no logprobs
+                sampling = [
+                    SamplingInput(r.params, r.seed, len(r.token_ids) - r.num_prompt_tokens)
+                    for s in sampling_spans
+                    for r in (s.req,)
+                ]
+            else:
+                sampling = [_sampling_input(s.req) for s in sampling_spans]
+            writes = self.kv.take_table_writes()
+            return StepInput(inputs, writes, sampling, text_only=True, plain_greedy=plain_greedy)
         inputs = []
         sampling = []
         pool_spans = []
@@ -276,7 +330,9 @@ class Scheduler:
             inputs.append(span_input)
             if samples:
                 sampling.append(_sampling_input(req))
-        return StepInput(inputs, self.kv.take_table_writes(), sampling, pool_spans=pool_spans)
+        return StepInput(
+            inputs, self.kv.take_table_writes(), sampling, pool_spans=pool_spans, plain_greedy=plain_greedy
+        )
 
     # ---- leaving the running batch -------------------------------------------------------------
     def _release(self, req: Request) -> None:
@@ -284,6 +340,10 @@ class Scheduler:
         self.kv.release(req.kv, req.token_ids[: req.num_computed_tokens])
         self.running.remove(req)
         req.kv = None
+        if not req.plain_spans:
+            self._num_featured -= 1
+        if not req.plain_greedy:
+            self._num_not_greedy -= 1
 
     def _retract(self, req: Request) -> None:
         self._release(req)

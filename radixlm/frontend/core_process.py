@@ -81,10 +81,22 @@ def run_core_process(
         target=_watch_parent, args=(parent_pid, socket_dir), name="radixlm-core-watchdog", daemon=True
     ).start()
 
+    # OpenMP threads that spin at each parallel region's barrier lose a scheduler slice whenever anything
+    # else wants their core (the HTTP front, a client, another job): measured with `radixlm serve` on the
+    # 0.5B shape, 2 threads on 2 cores, load 1.5-2.4, 8 streams' inter-token p50 went 2,075 -> 467 ms with
+    # passive waiting (1 stream: 263 -> 276 ms). libgomp reads this once, when torch loads it, which has not
+    # happened yet in this fresh process; a value the user exported wins.
+    wait_policy = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if num_threads is not None:  # the parent's count, so the process mode computes like inline mode
         torch.set_num_threads(num_threads)
+    logging.getLogger("radixlm").info(
+        "core threads: %d intra-op (OMP_WAIT_POLICY=%s), cores %s",
+        torch.get_num_threads(),
+        wait_policy,
+        sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "unknown",
+    )
 
     ctx = zmq.Context()
     requests = ctx.socket(zmq.PULL)

@@ -105,6 +105,36 @@ class KVManager:
         after evicting every evictable slot it takes."""
         return self._alloc(state, n, reserve_slots)
 
+    def extend_decodes(self, states: Sequence[KVState]) -> list[list[int]] | None:
+        """One more slot for each of these running requests (a decode step), the same slots extend(state, 1)
+        would give them one after another, in one call. None, and nothing changed, when the free pages do
+        not cover them all or a row is full: then the caller extends one by one (evicting, retracting)."""
+        rows = self.req_to_token.rows
+        page = self.page_size
+        limit = self.req_to_token.max_context_len
+        lasts: list[int] = []
+        need = 0
+        for state in states:
+            row = rows[state.row]
+            if len(row) >= limit:
+                return None
+            last = row[-1] if row else -1
+            lasts.append(last)
+            # a fresh page unless the last slot's page has room (page_size 1: always)
+            need += last < 0 or (last + 1) % page == 0
+        pages = self.allocator.take_pages(need)
+        if pages is None:
+            return None
+        if need == len(states):
+            slots = [[p * page] for p in pages]
+        else:
+            fresh = iter(pages)
+            slots = [
+                [next(fresh) * page] if last < 0 or (last + 1) % page == 0 else [last + 1] for last in lasts
+            ]
+        self.req_to_token.append_each([state.row for state in states], slots)
+        return slots
+
     def cache_computed(self, state: KVState, tokens: Sequence[int]) -> None:
         """Offer the computed part of a running request (``tokens``, one per slot so far) to the cache, so
         that other requests, or its own resumption after a retraction, reuse it. The request keeps running

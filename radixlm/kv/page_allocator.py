@@ -75,6 +75,20 @@ class PageAllocator:
                 del slots[n:]
         return slots
 
+    def take_pages(self, n: int) -> list[int] | None:
+        """``n`` free pages, in the order n calls of ``alloc`` for a fresh page each would take them, or None
+        (and nothing changes) if fewer are free."""
+        if n > len(self._free):
+            return None
+        if n == 0:
+            return []
+        pages = self._free[-n:][::-1]
+        del self._free[-n:]
+        used = self._used
+        for p in pages:
+            used[p] = 1
+        return pages
+
     def free(self, slots: Iterable[int]) -> None:
         """Free the pages that hold ``slots``. The caller owns every slot of those pages."""
         page = self.page_size

@@ -56,6 +56,18 @@ class ReqToToken:
         self._writes.append((row, len(cur), slots))
         cur.extend(slots)
 
+    def append_each(self, rows: list[int], slots: list[list[int]]) -> None:
+        """append(row, s) for each pair, in order (a decode step's one slot per row, in one call)."""
+        table, writes, limit = self.rows, self._writes, self.max_context_len
+        for row, s in zip(rows, slots, strict=True):
+            cur = table[row]
+            if len(cur) + len(s) > limit:
+                raise RuntimeError(
+                    f"slot table row {row}: {len(cur) + len(s)} slots exceed the context length {limit}"
+                )
+            writes.append((row, len(cur), s))
+            cur.extend(s)
+
     def replace_head(self, row: int, slots: list[int]) -> None:
         """The first len(slots) tokens now live in these slots (the prefix cache kept its own copies)."""
         cur = self.rows[row]
@@ -82,33 +94,38 @@ class DeviceReqToToken:
             if self.device.type == "cpu"
             else torch.zeros(num_rows, max_context_len, dtype=torch.int64)
         )
+        # The host copy's memory as a numpy array: a step's writes (one slot per decode) land there as
+        # plain stores, ~0.3 us each, where building index tensors for one index_copy_ cost ~60 us per
+        # step at batch 1 (measured, 2-core CPU). Writes are applied in order, so a cell written twice in
+        # one step keeps the later value.
+        self._host_np = self.host.numpy()
 
     def apply(self, writes: list[TableWrite]) -> None:
-        """All of a step's writes as one indexed store (one upload of three int64 vectors)."""
+        """All of a step's writes into the host copy in order; on a device that is not the host, one
+        upload of the touched cells' final values and one indexed store."""
         if not writes:
+            return
+        host = self._host_np
+        for row, start, slots in writes:
+            if len(slots) == 1:  # a decode's slot: a scalar store is 4x cheaper than a slice's
+                host[row, start] = slots[0]
+            else:
+                host[row, start : start + len(slots)] = slots
+        if self.host is self.table:
             return
         import torch
 
         width = self.table.shape[1]
-        cells: list[int] = []  # flat index row * width + col of each written cell
-        vals: list[int] = []
-        for row, start, slots in writes:
-            base = row * width + start
-            cells.extend(range(base, base + len(slots)))
-            vals.extend(slots)
-        if len(set(cells)) != len(cells):
-            # A cell written twice in one step (a row freed and reused, a head replaced after an append):
-            # an indexed store with repeated indices keeps an unspecified one, so apply in order.
-            for row, start, slots in writes:
-                values = torch.tensor(slots, dtype=torch.int64)
-                self.table[row, start : start + len(slots)] = values
-                if self.host is not self.table:
-                    self.host[row, start : start + len(slots)] = values
-            return
-        host = torch.tensor([cells, vals], dtype=torch.int64)
-        if self.host is not self.table:
-            self.host.view(-1).index_copy_(0, host[0], host[1])
+        # Each touched cell once (a row freed and reused, or a head replaced after an append, writes a cell
+        # twice): its value is the host copy's, which saw the writes in order.
+        touched = (
+            range(row * width + start, row * width + start + len(slots)) for row, start, slots in writes
+        )
+        cells = list(dict.fromkeys(c for cols in touched for c in cols))
+        idx = torch.tensor(cells, dtype=torch.int64)
+        vals = self.host.view(-1).index_select(0, idx)
+        both = torch.stack([idx, vals])
         if self.device.type == "cuda":
-            host = host.pin_memory()
-        c, v = host.to(self.device, non_blocking=True)
+            both = both.pin_memory()
+        c, v = both.to(self.device, non_blocking=True)
         self.table.view(-1).index_copy_(0, c, v)

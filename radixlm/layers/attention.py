@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from radixlm.layers import compiled_attention
+
 if TYPE_CHECKING:
     from radixlm.model.forward_batch import ForwardBatch
 
@@ -46,7 +48,27 @@ class RadixAttention(nn.Module):
         self.softcap = softcap if softcap else None
         self.attention_chunk = attention_chunk if attention_chunk and attention_chunk > 0 else None
 
+    # Set by model/compiled_forward.py when this layer runs inside a compiled graph: its key for the
+    # radix_attention op (layers/compiled_attention.py). None: always eager.
+    compile_key: int | None = None
+
     def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        forward_batch: ForwardBatch | None,
+        **overrides: object,
+    ) -> torch.Tensor:
+        if self.compile_key is not None and torch.compiler.is_compiling():
+            if overrides:  # the op carries no per-call options; the compiled forward never passes any
+                raise NotImplementedError(f"compiled attention takes no per-call options ({sorted(overrides)})")
+            return compiled_attention.radix_attention(q, k, v, self.compile_key)
+        if forward_batch is None:
+            raise RuntimeError("RadixAttention: an eager call needs the step's ForwardBatch")
+        return self.eager_forward(q, k, v, forward_batch, **overrides)  # type: ignore[arg-type]
+
+    def eager_forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,

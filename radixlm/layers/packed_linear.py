@@ -73,8 +73,24 @@ class PackedWeight:
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
+        if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op on a prepacked weight itself
+            y = packed_linear(x2, self.packed, bias, self.out_features)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
         return y.view(*lead, self.out_features)
+
+
+@torch.library.custom_op("radixlm::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """oneDNN's linear on a prepacked weight, opaque to torch.compile (model/compiled_forward.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.layers.packed_linear import default_decision_file, prepack_linears
 from radixlm.messages import ModelInfo
 from radixlm.model import lazy_tensor, loader, parallel, quantization
+from radixlm.model.compiled_forward import CompiledForward, compile_unsupported
 from radixlm.model.forward_batch import ForwardBatch
 from radixlm.model.heads import pooling_impl, pooling_info, resolve_head
 from radixlm.model.pooling import pool_step
@@ -100,10 +101,22 @@ class ModelRunner:
         self.vocab_size = int(self.text_config.vocab_size)
         self.eos_token_ids = loader.eos_token_ids(self.model_path, self.text_config)
         self.attn_backend = TorchAttnBackend()
+        self.compiled = self._compiled_forward()
         self.sampler = Sampler()
         self.runtime: RuntimeConfig | None = None
         self.kv_pool: KVPool | None = None
         self.req_to_token: DeviceReqToToken | None = None
+
+    def _compiled_forward(self) -> CompiledForward | None:
+        """The compiled decoder when --enable-torch-compile asks for it and the model allows it."""
+        if not self.config.enable_torch_compile:
+            return None
+        why = compile_unsupported(self.model, self.tp_size)
+        if why is not None:
+            logger.warning("--enable-torch-compile: running eager, because of %s", why)
+            return None
+        logger.info("--enable-torch-compile: the decoder compiles on its first steps (attention stays eager)")
+        return CompiledForward(self.model)
 
     def _join_tp_group(self, init_method: str | None) -> None:
         if self.device.type == "cuda":
@@ -284,7 +297,8 @@ class ModelRunner:
         if self.tp_leader is not None:
             self.tp_leader.send_step(step)  # the other ranks run the same step on their shards
         fb = self.build_forward_batch(step)
-        hidden = self.model(fb.input_ids, fb.positions, fb)
+        forward = self.model if self.compiled is None else self.compiled
+        hidden = forward(fb.input_ids, fb.positions, fb)
         if step.pool_spans:  # a pooling model: every span is a whole prompt to pool, none samples
             return ForwardOutput(hidden.new_empty(0, 0), pooled=pool_step(self.model.pool, hidden, step))
         out = ForwardOutput(
@@ -313,10 +327,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, step: StepInput) -> SamplerOutput:
-        sampling = self.build_sampling_batch(step, logits.shape[-1])
-        out = self.sampler(
-            logits, sampling, return_logprob=step.return_logprob, top_logprobs_num=step.top_logprobs_num
-        )
+        if step.plain_greedy:  # every row takes its argmax: no sampling batch to build
+            out = self.sampler.argmax(logits, len(step.sampling))
+        else:
+            sampling = self.build_sampling_batch(step, logits.shape[-1])
+            out = self.sampler(
+                logits, sampling, return_logprob=step.return_logprob, top_logprobs_num=step.top_logprobs_num
+            )
         if self.tp_check_agreement:
             parallel.check_ranks_agree(out.next_token_ids)
         return out

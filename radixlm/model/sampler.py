@@ -601,6 +601,35 @@ def sampling_weights(
 
 
 # --------------------------------------------------------------------------------------------------
+# Greedy
+# --------------------------------------------------------------------------------------------------
+
+# torch's CPU argmax walks each row with a scalar loop, where amax is vectorized: 64 x 32000 float32 took
+# 2.9-5.3 ms by argmax and 0.6-1.4 ms by blocks (measured, 1-2 threads, this 2-core AVX2 machine). The
+# blocks cost eight small ops: below 16 rows or 8192 tokens one argmax is cheaper (tiny model, vocab 2048:
+# 0.07 vs 0.23 ms per step at batch 1, and no gain at batch 64).
+_ARGMAX_BLOCK = 256
+_ARGMAX_MIN_ROWS = 16
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for [B, V] logits, the same index (the first maximal one; NaN counts as the maximum):
+    on CPU, each block's max (vectorized), the first block holding the row's max, the first max inside it.
+    The first maximal block holds the row's first maximal element, so the two agree exactly."""
+    b, v = x.shape
+    n = v // _ARGMAX_BLOCK
+    if b < _ARGMAX_MIN_ROWS or n < 32 or x.device.type != "cpu" or x.stride(-1) != 1:
+        return x.argmax(-1)
+    blocks = x[:, : n * _ARGMAX_BLOCK].view(b, n, _ARGMAX_BLOCK).amax(-1)
+    if v % _ARGMAX_BLOCK:  # the short last block
+        blocks = torch.cat([blocks, x[:, n * _ARGMAX_BLOCK :].amax(-1, keepdim=True)], dim=1)
+    start = blocks.argmax(-1, keepdim=True) * _ARGMAX_BLOCK
+    # The last block may be short: its missing columns read column V - 1 again, after its real place.
+    cols = (start + torch.arange(_ARGMAX_BLOCK, device=x.device)).clamp_(max=v - 1)
+    return cols.gather(1, x.gather(1, cols).argmax(-1, keepdim=True)).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
 # Sampler
 # --------------------------------------------------------------------------------------------------
 
@@ -637,7 +666,7 @@ class Sampler:
         need_logprobs = return_logprob or top_logprobs_num > 0
         fast = batch.all_greedy and not batch.need_logit_processing
         if fast and not need_logprobs and logits.dtype == torch.float32:
-            return SamplerOutput(logits.argmax(-1), None, None, None)
+            return SamplerOutput(first_argmax(logits), None, None, None)
 
         # One float32 copy serves everything below; argmax over float32 is also ~2x faster on CPU
         # than over bf16. The stages after the logprobs write into it in place, never into `logits`.
@@ -651,7 +680,7 @@ class Sampler:
             top_vals = raw_lp.gather(1, top_ids)
 
         if fast:
-            next_ids = x.argmax(-1)
+            next_ids = first_argmax(x)
         else:
             if batch.need_logit_processing:
                 apply_penalties(x, batch)
@@ -660,6 +689,15 @@ class Sampler:
         if return_logprob:
             logprobs = raw_lp.gather(1, next_ids[:, None]).squeeze(1)
         return SamplerOutput(next_ids, logprobs, top_ids, top_vals)
+
+    def argmax(self, logits: torch.Tensor, batch_size: int) -> SamplerOutput:
+        """Every row greedy with nothing that reads or changes its logits (no penalties, logit_bias,
+        min_new_tokens ban, grammar or logprobs): the same tokens as ``__call__`` with such a batch, without
+        building one."""
+        if logits.dim() != 2 or logits.shape[0] != batch_size:
+            raise ValueError(f"Sampler.argmax: logits must be [{batch_size}, V], got {list(logits.shape)}")
+        x = logits if logits.dtype == torch.float32 else self._float_copy(logits)
+        return SamplerOutput(first_argmax(x), None, None, None)
 
     def _float_copy(self, logits: torch.Tensor) -> torch.Tensor:
         b, v = logits.shape
@@ -673,13 +711,13 @@ class Sampler:
     @staticmethod
     def _choose(work: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:
-            return work.argmax(-1)
+            return first_argmax(work)
         rows = batch.sample_rows
         if rows is None:
             sub, next_ids = work, None
         else:
             # Greedy rows take the argmax of the processed logits; the rest are overwritten below.
-            next_ids = work.argmax(-1)
+            next_ids = first_argmax(work)
             sub = work[rows]
 
         def pick(t: torch.Tensor) -> torch.Tensor:

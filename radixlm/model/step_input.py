@@ -68,6 +68,12 @@ class StepInput:
     grammar_bitmask: Any = None
     # Pooling requests (encode): the spans, each a whole prompt, whose hidden states are pooled
     pool_spans: list[int] = field(default_factory=list)
+    # What the scheduler knows for the whole step, so the runner skips per-span and per-row checks (False
+    # is always safe: the checks run). text_only: no span has images, M-RoPE rows, prompt logprobs or
+    # pooling. plain_greedy: every sampling row takes the argmax of its raw logits (greedy; no penalties,
+    # logit_bias, min_new_tokens, grammar or logprobs).
+    text_only: bool = False
+    plain_greedy: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -75,15 +81,17 @@ class StepInput:
 
     @property
     def return_logprob(self) -> bool:
-        return any(s.return_logprob for s in self.sampling)
+        return not self.plain_greedy and any(s.return_logprob for s in self.sampling)
 
     @property
     def scores_prompt(self) -> bool:
         """Some span asks for prompt logprobs."""
-        return any(s.logprob_targets for s in self.spans)
+        return not self.text_only and any(s.logprob_targets for s in self.spans)
 
     @property
     def top_logprobs_num(self) -> int:
+        if self.plain_greedy:
+            return 0
         return max((s.top_logprobs_num for s in self.sampling if s.return_logprob), default=0)
 
 
@@ -141,6 +149,7 @@ def step_to_wire(step: StepInput) -> list:
         ],
         [step.grammar_rows, _mask_bytes(step.grammar_bitmask)],
         step.pool_spans,
+        [step.text_only, step.plain_greedy],
     ]
 
 
@@ -151,7 +160,7 @@ def _mask_bytes(mask: Any) -> bytes | None:
 
 
 def step_from_wire(data: list) -> StepInput:
-    spans, writes, sampling, (grammar_rows, grammar_bitmask), pool_spans = data
+    spans, writes, sampling, (grammar_rows, grammar_bitmask), pool_spans, (text_only, plain_greedy) = data
     return StepInput(
         spans=[SpanInput(*span) for span in spans],
         table_writes=[(row, start, slots) for row, start, slots in writes],
@@ -162,4 +171,6 @@ def step_from_wire(data: list) -> StepInput:
         grammar_rows=list(grammar_rows),
         grammar_bitmask=grammar_bitmask,
         pool_spans=list(pool_spans),
+        text_only=text_only,
+        plain_greedy=plain_greedy,
     )

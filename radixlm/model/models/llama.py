@@ -190,10 +190,22 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, forward_batch)
+        return self.decode(input_ids, cos, sin, forward_batch)
+
+    def rope(self, positions: torch.Tensor, forward_batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's cos/sin rows, shared by every layer. Kept out of `decode` because it reads host lists
+        and may grow the table: model/compiled_forward.py compiles `decode` alone."""
         # seq_lens bound every position, and reading them needs no device sync.
         max_pos = max(forward_batch.seq_lens_list, default=1) - 1
-        cos, sin = self.rotary_emb.cos_sin(positions, max_position=max_pos, dtype=hidden.dtype)
+        return self.rotary_emb.cos_sin(positions, max_position=max_pos, dtype=self.embed_tokens.weight.dtype)
+
+    def decode(
+        self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward_batch: ForwardBatch | None
+    ) -> torch.Tensor:
+        """Embedding, every layer and the final norm: tensors in, tensors out (forward_batch reaches only the
+        attention layers, and is None inside a compiled graph, where they read it from their owner)."""
+        hidden = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, forward_batch)

@@ -1,0 +1,153 @@
+"""radixlm's AVX2 int8 / int4 CPU kernels (model/quantization/cpu_kernels.cpp) against the float matrix
+their packing holds, unpacked by plain torch ops (cpu_kernels.int4_reference / int8_reference); the switch
+that turns them off (torch's kernels then run); GGUF Q8_0 blocks repacked exactly; and a whole model's
+greedy tokens with the kernels against the same model on the dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.model.quantization import cpu_kernels
+from radixlm.model.quantization.gguf import exact_int8_blocks
+from radixlm.model.quantization.int4 import Int4Weight
+from radixlm.model.quantization.int8 import Int8Weight
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None,
+    reason="radixlm's CPU kernels are not available here (no AVX2 + FMA, no compiler, or switched off)",
+)
+# M rows up to 8 (the register tiles: 4 rows at a time plus remainders), and one above SMALL_M (the
+# dequantized sgemm path).
+ROWS = [*range(1, 9), cpu_kernels.SMALL_M + 3]
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    ref = x.double() @ ref_w.double().T + (0 if bias is None else bias.double())
+    scale = (x.double().abs() @ ref_w.double().abs().T).max().item()  # the size of the sum's terms
+    if x.dtype == torch.float32:
+        tol = 2e-6 * scale  # float32 accumulation in another order
+    else:  # the output rounds to bf16 (2^-8 relative), and bf16 inputs
+        tol = 2**-8 * ref.abs().max().item() + 1e-5 * scale
+    err = (got.double() - ref).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g} ({x.dtype}, M={x.shape[0]})"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(7, 96, 32), (33, 192, 64), (5, 384, 128), (130, 160, 32)])
+def test_int4_kernel_matches_the_packed_matrix(n, k, group, dtype) -> None:
+    g = torch.Generator().manual_seed(n * k + group)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
+    zero = torch.randn(n, k // group, generator=g) * 0.1
+    q = Int4Weight.from_parts(codes, scale, zero, group, dtype)
+    assert q._ops is not None and q.packed.shape == (n, k // 2)
+    # The reference from the codes themselves, not from the packing: a nibble-order mistake would show.
+    expected = (codes.float() - 8) * scale.repeat_interleave(group, 1) + zero.repeat_interleave(group, 1)
+    torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=1e-6)
+    bias = torch.randn(n, generator=g).to(dtype)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        _check(q(x, bias if m % 2 else None), x, expected, bias if m % 2 else None)
+    x3 = torch.randn(2, 3, k, generator=g).to(dtype)  # leading dims kept
+    assert q(x3).shape == (2, 3, n) and q(x3).dtype == dtype
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(9, 100), (33, 33), (64, 200)])
+def test_int8_per_channel_kernel_matches_the_packed_matrix(n, k, dtype) -> None:
+    """Any input width: 100 and 200 leave tails of 4 and 8 columns after the 16-wide steps, 33 one more."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g)
+    q = Int8Weight(w.to(dtype))
+    assert q._ops is not None and q.scales.dtype == torch.float32
+    expected = q.qweight.float() * q.scales[:, None]
+    torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=0)
+    assert (q.dequantize() - w.to(dtype).float()).abs().max() <= q.scales.max() / 2 + 1e-6
+    bias = torch.randn(n, generator=g).to(dtype)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        _check(q(x, bias), x, expected, bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gguf_q8_0_blocks_repack_exactly_into_grouped_int8(dtype) -> None:
+    """A Q8_0 weight as the GGUF loader hands it (q * d per block of 32, d in fp16): found again exactly,
+    one scale per block; a weight that is not Q8_0 is not taken for one."""
+    g = torch.Generator().manual_seed(8)
+    n, k = 11, 96
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g)
+    q[..., 0] = 127 * torch.where(torch.rand(n, k // 32, generator=g) < 0.5, 1, -1)  # llama.cpp: amax -> 127
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01).half().float()
+    w = (q * d).view(n, k)
+    packed = exact_int8_blocks(w, dtype)
+    assert packed is not None and packed.group_size == 32 and packed.scales.shape == (n, k // 32)
+    torch.testing.assert_close(packed.dequantize(), w, rtol=0, atol=0)
+    for m in (1, 3, 8, cpu_kernels.SMALL_M + 1):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        _check(packed(x), x, w, None)
+    assert exact_int8_blocks(torch.randn(n, k, generator=g), dtype) is None
+
+
+def test_switched_off_uses_torchs_kernels(monkeypatch) -> None:
+    """RADIXLM_CPU_KERNELS=0: packed for torch's kernels (their layout, scales in the activation dtype),
+    still the same matrix; int8 with a scale per group (radixlm's kernel only) is refused, so GGUF Q8_0
+    falls back to per-channel int8."""
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    assert cpu_kernels.ops() is None
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 128, generator=g)  # torch's int4 packing takes rows in multiples of 16
+    x = torch.randn(3, 128, generator=g)
+    q4 = Int4Weight(w, 64)
+    assert q4._ops is None and hasattr(q4, "scales_and_zeros")
+    torch.testing.assert_close(q4(x), x @ q4.dequantize().T, rtol=1e-4, atol=1e-4)
+    q8 = Int8Weight(w)
+    assert q8._ops is None
+    torch.testing.assert_close(q8(x), x @ q8.dequantize().T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="per group"):
+        Int8Weight.from_parts(q8.qweight, torch.ones(32, 4), torch.float32)
+    assert exact_int8_blocks(q8.dequantize(), torch.float32) is None
+
+
+@needs_kernels
+# Behind `slow` (CI time): tests/model/test_quantization.py's whole-model tests run the kernels in the
+# default run.
+@pytest.mark.slow  # about 30 s each; `python -m pytest -m slow tests/model/test_cpu_kernels.py`
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_greedy_tokens_with_the_kernels_equal_the_dequantized_model(method) -> None:
+    """fp32, native: the engine on radixlm's kernels, then the same engine with every packing replaced by
+    its dequantized float matrix (F.linear): the same greedy tokens. The 80-token prompt's prefill runs
+    the dequantized-sgemm path (above SMALL_M rows), the decode steps the register kernels."""
+    from radixlm.config import EngineConfig
+    from radixlm.core.engine_core import EngineCore
+    from radixlm.testing import cached_model_folder
+    from tests.parity_utils import drive_core, random_prompts
+
+    core = EngineCore(
+        EngineConfig(
+            model_path=str(cached_model_folder("qwen2", "tiny")),
+            dtype="float32",
+            inline_core=True,
+            quantization=method,
+        )
+    )
+    packed = [m for m in core.runner.model.modules() if getattr(m, "quant", None) is not None]
+    assert packed and all(m.quant._ops is not None for m in packed)
+    prompts = random_prompts(core.runner.vocab_size, [5, cpu_kernels.SMALL_M + 16], seed=11)
+    params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
+    ours = drive_core(core, prompts, params)["ids"]
+
+    class Dense:
+        def __init__(self, q) -> None:
+            self.weight = q.dequantize()
+
+        def __call__(self, x, bias=None):
+            return torch.nn.functional.linear(x, self.weight, bias)
+
+    for m in packed:
+        m.quant = Dense(m.quant)
+    core.flush_cache()
+    assert drive_core(core, prompts, params)["ids"] == ours

@@ -1,0 +1,41 @@
+"""The greedy pick: first_argmax (by blocks on CPU) is torch's argmax, index for index, and Sampler.argmax
+(the plain greedy step's sampler) gives the tokens the full sampler gives for greedy rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixlm.model.sampler import Sampler, SamplingBatch, first_argmax
+from radixlm.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("vocab", [7, 2048, 8192, 8449, 8703, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_argmax(vocab: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(20, vocab, generator=g)  # enough rows for the block path
+    # Ties everywhere (few distinct values), a row of -inf, NaNs (argmax takes the first), a maximum in
+    # the short last block, and one in the first column.
+    ties = torch.randint(0, 3, (20, vocab), generator=g).float()
+    ties[0] = float("-inf")
+    ties[1, vocab // 2] = ties[1, vocab - 1] = float("nan")
+    ties[2, vocab - 1] = 9.0
+    ties[3, 0] = 9.0
+    for t in (x, ties, x[:, : vocab - 3 if vocab > 3 else vocab]):
+        t = t.to(dtype)
+        assert torch.equal(first_argmax(t), t.argmax(-1))
+
+
+def test_sampler_argmax_matches_the_greedy_sampler() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4096, generator=g)
+    logits[2, 100] = logits[2, 3000] = logits[2].max() + 1  # a tie: the first wins
+    params = [SamplingParams(temperature=0)] * 5
+    batch = SamplingBatch.build(params, [1] * 5, [[]] * 5, [[]] * 5, [0], 4096, "cpu")
+    full = Sampler()(logits, batch).next_token_ids
+    for x in (logits, logits.bfloat16()):
+        assert torch.equal(Sampler().argmax(x, 5).next_token_ids, Sampler()(x, batch).next_token_ids)
+    assert torch.equal(Sampler().argmax(logits, 5).next_token_ids, full) and full[2].item() == 100
+    with pytest.raises(ValueError, match="Sampler.argmax"):
+        Sampler().argmax(logits, 4)
