@@ -300,11 +300,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     foreign = _foreign_modules(os.path.dirname(radixlm.__file__))
     if foreign:
         raise RuntimeError(f"modules from outside {os.path.dirname(radixlm.__file__)}: {foreign}")
-    seen = set(calls)
+    # A phase whose method exists but was never called (a plain greedy step builds no sampling batch)
+    # measured 0; one with no such method in this tree is None: its time, if any, is in "other".
+    wrapped_phases = {ph for ph, path, attr in PHASES if f"{path or 'core'}.{attr}" in found}
     median = {k: statistics.median(v) for k, v in per_step.items()}
     for p in (*HOST_PHASES, "forward"):
-        if p not in seen:
-            median[p] = None  # not measured in this tree: its time is in "other"
+        if p not in wrapped_phases:
+            median[p] = None
     return {
         "layout": lay["layout"],
         "add_request": lay["add_style"],

@@ -61,6 +61,7 @@ def test_offline_smoke(tiny_model: str, tmp_path: pathlib.Path, capsys) -> None:
     assert "radixlm bench offline" in printed and "out tok/s" in printed
 
 
+@pytest.mark.slow  # about 50 s; CI time
 def test_prefix_smoke(tiny_model: str) -> None:
     config = EngineConfig(model_path=tiny_model, dtype="bfloat16", log_level="warning")
     opts = PrefixOptions(

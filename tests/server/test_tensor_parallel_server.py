@@ -98,6 +98,7 @@ def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
     assert follower.returncode == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.slow  # about 50 s; CI time
 def test_a_follower_node_exits_when_node_0_is_killed_while_idle() -> None:
     """SIGKILL leaves no stop message: the idle rank on node 1 must notice rank 0's store is gone."""
     server, follower, log = _two_nodes()
@@ -121,6 +122,7 @@ def test_a_follower_node_exits_when_node_0_is_killed_while_idle() -> None:
     assert _wait_gone(children, 5) == []
 
 
+@pytest.mark.slow  # about 25 s; CI time
 def test_a_rank_killed_under_load_gives_errors_and_503_and_leaves_no_process() -> None:
     server: Server = _start("--tp-size", "2")
     info = httpx.get(server.url + "/get_server_info", timeout=30).json()
