@@ -112,6 +112,11 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
         help="the speed rows' float model and activations (default bfloat16; float32 is the fast float "
         "dtype on CPUs without native bf16)",
     )
+    parser.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        help="speed rows with the decoder compiled (radixlm serve's --enable-torch-compile) for every method",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
@@ -174,10 +179,12 @@ def run_speed(
 
     pool = max(batches) * (ns.prompt_len + ns.decode_tokens) + 256  # three engines: a small KV pool each
     dtype = getattr(ns, "speed_dtype", "bfloat16")
-    cores = {m: EngineCore(_config(model_path, m, dtype, max_total_tokens=pool)) for m in methods}
+    compile_kw = {"enable_torch_compile": True} if getattr(ns, "enable_torch_compile", False) else {}
+    cores = {m: EngineCore(_config(model_path, m, dtype, max_total_tokens=pool, **compile_kw)) for m in methods}
     best: dict[tuple[str, int], float] = {}
-    for core in cores.values():
-        decode_rate(core, 2, 8, 4, seed=ns.seed + 99)  # warm-up: first-call allocations, kernel init
+    for core in cores.values():  # warm-up: first-call allocations, kernel init, compiled graphs
+        for b in sorted({1, *batches}):
+            decode_rate(core, b, 8, 4, seed=ns.seed + 99)
     for r in range(ns.rounds):
         for b in batches:
             for method, core in cores.items():
@@ -241,8 +248,14 @@ def run_quant_bench(ns: argparse.Namespace) -> QuantReport:
     report = QuantReport()
     report.notes.append(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {getattr(ns, 'speed_dtype', 'bfloat16')} activations for every "
-        "method (int8 / int4: weight-only, radixlm's AVX2 kernels where they built, else torch's; LM head "
+        "method (int8 / int4: weight-only, radixlm's CPU kernels where they built, else torch's; LM head "
         "included)"
+    )
+    from radixlm.model.quantization import cpu_kernels
+
+    report.notes.append(
+        f"radixlm CPU kernels: {cpu_kernels.isa() or 'not built'}; decoder "
+        + ("compiled (--enable-torch-compile)" if getattr(ns, "enable_torch_compile", False) else "eager")
     )
     if not ns.skip_speed:
         report.speed = run_speed(ns.speed_model or default_model_path(), methods, batches, ns)

@@ -69,36 +69,45 @@ class VllmOptions:
 # ---- command line ----
 
 
-def add_vllm_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("vLLM baseline (optional, runs in its own process)")
+def add_shared_vllm_args(group: Any, python_help: str, server: bool = False) -> None:
+    """The flags the offline baseline and bench serving's vLLM server share, named alike: vLLM's engine
+    options, spelled as vLLM's LLM(...) keyword (offline) or its api_server flag (`server`)."""
+
+    def spelled(name: str) -> str:
+        return "--" + name.replace("_", "-") if server else name
+
+    group.add_argument("--vllm-python", metavar="PATH", default=None, help=python_help)
     group.add_argument(
-        "--vllm-python",
-        metavar="PATH",
-        default=None,
-        help="python of an environment with vLLM installed (e.g. /work/vllm-venv/bin/python): adds a vLLM "
-        "row, run on the same token ids with prefix caching on (default: no vLLM row)",
-    )
-    group.add_argument(
-        "--vllm-max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (default: vLLM's)"
+        "--vllm-max-num-seqs", type=int, default=None, help=f"vLLM {spelled('max_num_seqs')} (default: vLLM's)"
     )
     group.add_argument(
         "--vllm-max-num-batched-tokens",
         type=int,
         default=None,
-        help="vLLM max_num_batched_tokens (default: vLLM's)",
+        help=f"vLLM {spelled('max_num_batched_tokens')} (default: vLLM's)",
     )
     group.add_argument(
         "--vllm-kv-cache-gib",
         type=float,
         default=DEFAULT_KV_CACHE_GIB,
-        help=f"vLLM's KV cache in GiB (kv_cache_memory_bytes; default: {DEFAULT_KV_CACHE_GIB:g})",
+        help=f"vLLM's KV cache in GiB ({spelled('kv_cache_memory_bytes')}; default: {DEFAULT_KV_CACHE_GIB:g}). "
+        "Always set: without it vLLM's CPU worker reserves most of the machine's memory",
     )
     group.add_argument(
         "--vllm-omp-threads-bind",
         metavar="CORES",
         default=None,
-        help="VLLM_CPU_OMP_THREADS_BIND for vLLM's CPU worker, e.g. 0-15 (default: vLLM's 'auto', which "
+        help="VLLM_CPU_OMP_THREADS_BIND for vLLM's CPU worker, e.g. 0-1 (default: vLLM's 'auto', which "
         "keeps one core for vLLM's front end)",
+    )
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vLLM baseline (optional, runs in its own process)")
+    add_shared_vllm_args(
+        group,
+        "python of an environment with vLLM installed (e.g. /work/vllm-venv/bin/python): adds a vLLM "
+        "row, run on the same token ids with prefix caching on (default: no vLLM row)",
     )
     group.add_argument(
         "--vllm-timeout",

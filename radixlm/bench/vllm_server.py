@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from radixlm.bench.launched_server import LaunchedServer, ServerUnavailable, free_port
-from radixlm.bench.vllm_baseline import DEFAULT_KV_CACHE_GIB, VllmOptions, worker_env
+from radixlm.bench.vllm_baseline import VllmOptions, add_shared_vllm_args, worker_env
 
 BACKEND = "vllm"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -34,35 +34,11 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 def add_vllm_server_args(parser: argparse.ArgumentParser) -> None:
     """The offline baseline's spellings (vllm_baseline.add_vllm_args), with their meaning for a server."""
     group = parser.add_argument_group("vLLM server (--backend vllm; runs under its own python)")
-    group.add_argument(
-        "--vllm-python",
-        metavar="PATH",
-        default=None,
-        help="python of an environment with vLLM installed (e.g. /work/vllm-venv/bin/python); needed by "
+    add_shared_vllm_args(
+        group,
+        "python of an environment with vLLM installed (e.g. /work/vllm-venv/bin/python); needed by "
         "--backend vllm / all",
-    )
-    group.add_argument(
-        "--vllm-max-num-seqs", type=int, default=None, help="vLLM --max-num-seqs (default: vLLM's)"
-    )
-    group.add_argument(
-        "--vllm-max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="vLLM --max-num-batched-tokens (default: vLLM's)",
-    )
-    group.add_argument(
-        "--vllm-kv-cache-gib",
-        type=float,
-        default=DEFAULT_KV_CACHE_GIB,
-        help=f"vLLM's KV cache in GiB (--kv-cache-memory-bytes; default: {DEFAULT_KV_CACHE_GIB:g}). Always "
-        "set: without it vLLM's CPU worker reserves most of the machine's memory",
-    )
-    group.add_argument(
-        "--vllm-omp-threads-bind",
-        metavar="CORES",
-        default=None,
-        help="VLLM_CPU_OMP_THREADS_BIND for vLLM's CPU worker, e.g. 0-1 (default: vLLM's 'auto', which "
-        "keeps one core for vLLM's front end)",
+        server=True,
     )
     group.add_argument(
         "--vllm-server-args",

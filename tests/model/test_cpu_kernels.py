@@ -1,5 +1,6 @@
-"""radixlm's AVX2 int8 / int4 CPU kernels (model/quantization/cpu_kernels.cpp) against the float matrix
-their packing holds, unpacked by plain torch ops (cpu_kernels.int4_reference / int8_reference); the switch
+"""radixlm's int8 / int4 CPU kernels (model/quantization/cpu_kernels.cpp), at every instruction-set level
+this CPU has (AVX2, AVX-512, AVX512_BF16), against the float matrix their packing holds, unpacked by plain
+torch ops (cpu_kernels.int4_reference / int8_reference); the switch
 that turns them off (torch's kernels then run); GGUF Q8_0 blocks repacked exactly; and a whole model's
 greedy tokens with the kernels against the same model on the dequantized weights."""
 
@@ -17,9 +18,29 @@ needs_kernels = pytest.mark.skipif(
     cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None,
     reason="radixlm's CPU kernels are not available here (no AVX2 + FMA, no compiler, or switched off)",
 )
+ISAS = cpu_kernels.available_isas() if not cpu_kernels.disabled_by_env() else []
+
+
+@pytest.fixture(params=list(cpu_kernels.ISA_NAMES))
+def isa(request):
+    """Each level in turn; the ones this CPU lacks skip (CI's CPU decides which run)."""
+    if request.param not in ISAS:
+        pytest.skip(f"this CPU has no {request.param} (it has: {', '.join(ISAS) or 'none'})")
+    with cpu_kernels.pinned_isa(request.param):
+        yield request.param
+
+
 # M rows up to 8 (the register tiles: 4 rows at a time plus remainders), and one above SMALL_M (the
-# dequantized sgemm path).
+# dequantized sgemm path). With bf16 on an AVX512_BF16 CPU the dense path starts above SMALL_M_BF16 rows;
+# `register_rows` runs each test a second time with it moved to SMALL_M, so the tiles are covered too.
 ROWS = [*range(1, 9), cpu_kernels.SMALL_M + 3]
+
+
+@pytest.fixture(params=["default", "register"])
+def register_rows(request, monkeypatch):
+    if request.param == "register":
+        monkeypatch.setattr(cpu_kernels, "SMALL_M_BF16", cpu_kernels.SMALL_M)
+    return request.param
 
 
 def _check(got: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -27,16 +48,20 @@ def _check(got: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, bias: torch.
     scale = (x.double().abs() @ ref_w.double().abs().T).max().item()  # the size of the sum's terms
     if x.dtype == torch.float32:
         tol = 2e-6 * scale  # float32 accumulation in another order
-    else:  # the output rounds to bf16 (2^-8 relative), and bf16 inputs
+    elif x.shape[0] <= cpu_kernels.dense_above(x.dtype):  # the output rounds to bf16, and bf16 inputs
         tol = 2**-8 * ref.abs().max().item() + 1e-5 * scale
+    else:  # and the dequantized sgemm may round the weights to bf16 (2^-9 relative each)
+        tol = 2**-8 * ref.abs().max().item() + 2**-9 * scale
     err = (got.double() - ref).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > {tol:.3g} ({x.dtype}, M={x.shape[0]})"
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Widths: whole 64-column blocks, odd and even counts (192, 384), and a last half block (96, 160); groups of
+# 32 (two per block), 64 and 128.
 @pytest.mark.parametrize("n,k,group", [(7, 96, 32), (33, 192, 64), (5, 384, 128), (130, 160, 32)])
-def test_int4_kernel_matches_the_packed_matrix(n, k, group, dtype) -> None:
+def test_int4_kernel_matches_the_packed_matrix(n, k, group, dtype, isa, register_rows) -> None:
     g = torch.Generator().manual_seed(n * k + group)
     codes = torch.randint(0, 16, (n, k), generator=g)
     scale = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
@@ -57,8 +82,9 @@ def test_int4_kernel_matches_the_packed_matrix(n, k, group, dtype) -> None:
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(9, 100), (33, 33), (64, 200)])
-def test_int8_per_channel_kernel_matches_the_packed_matrix(n, k, dtype) -> None:
-    """Any input width: 100 and 200 leave tails of 4 and 8 columns after the 16-wide steps, 33 one more."""
+def test_int8_per_channel_kernel_matches_the_packed_matrix(n, k, dtype, isa, register_rows) -> None:
+    """Any input width: 100 and 200 leave tails of 4 and 8 columns after the 16-wide steps (AVX-512: 4 and
+    8 after the 32-wide ones), 33 one more."""
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g)
     q = Int8Weight(w.to(dtype))
@@ -74,7 +100,7 @@ def test_int8_per_channel_kernel_matches_the_packed_matrix(n, k, dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gguf_q8_0_blocks_repack_exactly_into_grouped_int8(dtype) -> None:
+def test_gguf_q8_0_blocks_repack_exactly_into_grouped_int8(dtype, isa, register_rows) -> None:
     """A Q8_0 weight as the GGUF loader hands it (q * d per block of 32, d in fp16): found again exactly,
     one scale per block; a weight that is not Q8_0 is not taken for one."""
     g = torch.Generator().manual_seed(8)

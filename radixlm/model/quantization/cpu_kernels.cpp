@@ -1,4 +1,5 @@
-// Weight-only int8 / int4 linears for x86 CPUs with AVX2 + FMA: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+// Weight-only int8 / int4 linears for x86 CPUs with AVX2 + FMA (and AVX-512 / AVX512_BF16 where present):
+// y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
 //
 // Built on first use by cpu_kernels.py (torch.utils.cpp_extension.load) and registered as torch ops
 // (torch.ops.radixlm_cpu.*), so torch.compile sees ordinary ops with a fake implementation.
@@ -23,6 +24,11 @@
 //          so one 8-byte load widened to 8 int32 lanes gives columns 16c..16c+7 by a mask and
 //          16c+8..16c+15 by a shift: no shuffles.
 //
+// On CPUs with AVX-512 (F, BW, VL, DQ) the int8 kernel runs 16 lanes wide; with AVX512_BF16 too, int4 with
+// bf16 activations turns each nibble into the bf16 of 128 + code by one logic op (kBf16Of128) and
+// multiplies by vdpbf16ps: 64 weights per 7 instructions (bf16 x bf16 products, float32 sums). The best
+// level is chosen at run time (`isa_level`, which tests also use to pin a lower one).
+//
 // Above `dense_above` activation rows (prefill), the same weights are dequantized to float32, a block of
 // output rows at a time, and multiplied by at::mm (MKL / oneDNN sgemm), whose compute is far better than
 // a register kernel's once the weights are reused over many rows.
@@ -33,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -40,6 +47,32 @@
 namespace {
 
 constexpr int64_t kMaxTileRows = 4;  // activation rows sharing one unpacked weight vector
+
+// Instruction-set levels, lowest first.
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+int64_t detect_isa() {
+  __builtin_cpu_init();  // gcc's checks include the OS saving the zmm state (XCR0)
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (!avx512) return kAvx2;
+  return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
+}
+
+int64_t supported_isa() {
+  static const int64_t level = detect_isa();
+  return level;
+}
+
+std::atomic<int64_t> g_isa_cap{kAvx512Bf16};  // lowered by isa_level(request) for tests and benchmarks
+
+inline int64_t current_isa() { return std::min(supported_isa(), g_isa_cap.load(std::memory_order_relaxed)); }
+
+// request >= 0 caps the level used from now on (at most what the CPU has); returns the level in use.
+int64_t isa_level(int64_t request) {
+  if (request >= 0) g_isa_cap.store(request, std::memory_order_relaxed);
+  return current_isa();
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -237,6 +270,245 @@ inline void int8_rows(const float* x, int64_t ldx, int64_t M, const int8_t* w, i
   }
 }
 
+// ---- AVX-512 -------------------------------------------------------------------------------------------
+// Compiled for these targets by attribute (the file's flags stay AVX2), run only where current_isa() says.
+
+#define RADIXLM_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define RADIXLM_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define RADIXLM_INLINE inline __attribute__((always_inline))
+
+// Software prefetch distance for the weight stream. With one or two sequential streams per core the
+// hardware prefetchers stop at every 4 KB page and a decode step waits on DRAM. On a 2-core Xeon (AMX),
+// 2 threads, 0.5B-shaped gate/up weights far beyond the caches: int4 6.6 -> 9.3-13 GB/s and int8
+// 10.5-12.8 -> 17-20 GB/s with 4 KB; 512 B and 2 KB: no gain; 8 KB: less (int4 7.8-9.5). Built with
+// -DRADIXLM_PREFETCH_BYTES=N to try another distance.
+#ifndef RADIXLM_PREFETCH_BYTES
+#define RADIXLM_PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = RADIXLM_PREFETCH_BYTES;
+
+// int8, float32 math, 16 lanes; two FMA chains per (output row, activation row).
+RADIXLM_AVX512 RADIXLM_INLINE __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int MT>
+RADIXLM_AVX512 void int8_tile_512(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scales,
+                                  int64_t groups, int64_t group, float* out, int64_t ldo) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  if (groups == 1) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
+      const __m512 a = widen16(w + k), b = widen16(w + k + 16);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + m * ldx + k + 16), acc[m][1]);
+      }
+    }
+    if (k < K) {  // 1-31 columns left: masked loads read nothing past the row
+      const int64_t n0 = std::min<int64_t>(16, K - k), n1 = K - k - n0;
+      const __mmask16 m0 = static_cast<__mmask16>((1u << n0) - 1), m1 = static_cast<__mmask16>((1u << n1) - 1);
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m0, w + k)));
+      const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m1, w + k + 16)));
+      for (int m = 0; m < MT; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m0, x + m * ldx + k), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(m1, x + m * ldx + k + 16), acc[m][1]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) out[m * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * scales[0];
+    return;
+  }
+  for (int64_t g = 0; g < groups; ++g) {  // group % 16 == 0: whole vectors, scaled before the FMA
+    const __m512 s = _mm512_set1_ps(scales[g]);
+    int64_t k = g * group;
+    const int64_t end = k + group;
+    for (; k + 32 <= end; k += 32) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
+      const __m512 a = _mm512_mul_ps(widen16(w + k), s), b = _mm512_mul_ps(widen16(w + k + 16), s);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + m * ldx + k + 16), acc[m][1]);
+      }
+    }
+    if (k < end) {
+      const __m512 a = _mm512_mul_ps(widen16(w + k), s);
+      for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) out[m * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+RADIXLM_AVX512 void int8_rows_512(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
+                                  const float* scales, int64_t groups, int64_t group, float* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    const float* xm = x + m0 * ldx;
+    float* o = out + m0 * ldo;
+    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
+      case 1: int8_tile_512<1>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
+      case 2: int8_tile_512<2>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
+      case 3: int8_tile_512<3>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
+      default: int8_tile_512<4>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
+    }
+  }
+}
+
+// int4 with bf16 activations. A row's 64-column block is 32 packed bytes; widened to 32 16-bit lanes,
+// lane j holds byte j: chunk c = j / 8 of the block, i = j % 8, so its low nibble is column 16c + i and its
+// high nibble column 16c + 8 + i. arrange_int4_bf16 puts x in that lane order once per call (per block:
+// 32 values for the low nibbles, then 32 for the high ones; a last half block of 32 columns likewise in
+// 16 + 16), so the inner loop needs no shuffle of x. vdpbf16ps sums lane pairs into 16 float32 lanes: lane
+// l covers bytes 2l, 2l + 1, i.e. chunk l / 4, so with groups of 32 lanes 0-7 are the block's first group
+// and 8-15 its second.
+
+void arrange_int4_bf16(const uint16_t* x, int64_t M, int64_t K, uint16_t* xa) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * K;
+    uint16_t* o = xa + m * K;
+    for (int64_t base = 0; base < K; base += 64) {
+      const int64_t lanes = std::min<int64_t>(32, (K - base) / 2);  // 32, or 16 for a last half block
+      for (int64_t j = 0; j < lanes; ++j) {
+        const int64_t col = base + 16 * (j / 8) + j % 8;
+        o[base + j] = xr[col];
+        o[base + lanes + j] = xr[col + 8];
+      }
+    }
+  }
+}
+
+// A code c in 0..15 OR-ed into the bits of bf16 128.0 (0x4300: 7 mantissa bits, step 1 from 128 to 256) is
+// exactly the bf16 of 128 + c: one logic op per 32 weights instead of a table permute (vpermw, which shares
+// its port with the widening load). The dot products then hold sum (128 + c) x, and the kernel's min term
+// takes off 128 * scale * (the group's sum of x) (xsum2). Terms are ~17x larger than c x alone, i.e. float32
+// rounding of ~2^-20 of the result's scale: far below the bf16 output's 2^-8.
+constexpr uint16_t kBf16Of128 = 0x4300;
+constexpr float kCodeBias = 128.f;
+
+
+// One 64-column block b of NR output rows (w: row 0's bytes, ldw apart) against MT activation rows:
+// tot[r][m] += scale[r] * sum code * x, `scale[r]` holding row r's group scale(s) lane-wise (see above).
+template <int NR, int MT>
+RADIXLM_AVX512_BF16 RADIXLM_INLINE void int4_bf16_block(const uint16_t* xa, int64_t ldx, const uint8_t* w, int64_t ldw,
+                                                        int64_t b, const __m512 (&scale)[NR], __m512i bias,
+                                                        __m512 (&tot)[NR][MT]) {
+  for (int r = 0; r < NR; ++r) {
+    const uint8_t* wb = w + r * ldw + 32 * b;
+    if (b % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb)));
+    const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0xF), bias, 0xEA);  // (v & 0xF) | bias
+    const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
+    for (int m = 0; m < MT; ++m) {
+      const uint16_t* xb = xa + m * ldx + 64 * b;
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xb));
+      d = _mm512_dpbf16_ps(d, (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xb + 32));
+      tot[r][m] = _mm512_fmadd_ps(d, scale[r], tot[r][m]);
+    }
+  }
+}
+
+// Whether int4_bf16_tile takes this group size: groups of 32 (two per block) or whole blocks.
+inline bool int4_bf16_group_ok(int64_t group) { return group == 32 || group % 64 == 0; }
+
+// Groups of 32: block b holds groups 2b (float32 lanes 0-7) and 2b + 1 (lanes 8-15).
+template <int NR>
+RADIXLM_AVX512_BF16 RADIXLM_INLINE void pair_scales(const float* sm, int64_t lds, int64_t b, __m512 (&out)[NR]) {
+  for (int r = 0; r < NR; ++r)
+    out[r] = _mm512_insertf32x8(_mm512_set1_ps(sm[r * lds + 4 * b]), _mm256_set1_ps(sm[r * lds + 4 * b + 2]), 1);
+}
+
+// NR output rows x MT activation rows. xsum2: per activation row, 2 * groups floats (-128 xsum_g, xsum_g),
+// xsum_g the sum of x over group g, in sm's (scale, min) order: the term sum_g (min_g - 128 scale_g) xsum_g
+// is then a dot product with sm's row.
+template <int NR, int MT>
+RADIXLM_AVX512_BF16 void int4_bf16_tile(const uint16_t* xa, const float* xsum2, int64_t K, const uint8_t* w,
+                                        const float* sm, int64_t groups, int64_t group, float* out, int64_t ldo) {
+  const __m512i code_bias = _mm512_set1_epi16(kBf16Of128);  // OR-ed into a code: the bf16 of 128 + code
+  const int64_t ldw = K / 2, lds = 2 * groups;
+  __m512 even[NR][MT], odd[NR][MT], scale[NR];  // two FMA chains per (output, activation) row
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) even[r][m] = odd[r][m] = _mm512_setzero_ps();
+  const int64_t blocks = K / 64;
+  if (group == 32) {
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      pair_scales<NR>(sm, lds, b, scale);
+      int4_bf16_block<NR, MT>(xa, K, w, ldw, b, scale, code_bias, even);
+      pair_scales<NR>(sm, lds, b + 1, scale);
+      int4_bf16_block<NR, MT>(xa, K, w, ldw, b + 1, scale, code_bias, odd);
+    }
+    if (b < blocks) {
+      pair_scales<NR>(sm, lds, b, scale);
+      int4_bf16_block<NR, MT>(xa, K, w, ldw, b, scale, code_bias, even);
+    }
+  } else {  // group % 64 == 0: whole blocks per group
+    const int64_t per_group = group / 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int r = 0; r < NR; ++r) scale[r] = _mm512_set1_ps(sm[r * lds + 2 * g]);
+      int64_t b = g * per_group;
+      const int64_t end = b + per_group;
+      for (; b + 2 <= end; b += 2) {
+        int4_bf16_block<NR, MT>(xa, K, w, ldw, b, scale, code_bias, even);
+        int4_bf16_block<NR, MT>(xa, K, w, ldw, b + 1, scale, code_bias, odd);
+      }
+      if (b < end) int4_bf16_block<NR, MT>(xa, K, w, ldw, b, scale, code_bias, even);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float* smr = sm + r * lds;
+    for (int m = 0; m < MT; ++m) {
+      __m512 low = _mm512_setzero_ps();  // the min term, 8 groups per FMA
+      const float* xs = xsum2 + m * lds;
+      int64_t i = 0;
+      for (; i + 16 <= lds; i += 16) low = _mm512_fmadd_ps(_mm512_loadu_ps(smr + i), _mm512_loadu_ps(xs + i), low);
+      if (i < lds) {
+        const __mmask16 rest = static_cast<__mmask16>((1u << (lds - i)) - 1);
+        low = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, smr + i), _mm512_maskz_loadu_ps(rest, xs + i), low);
+      }
+      out[m * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(even[r][m], odd[r][m]), low));
+    }
+  }
+  if (K % 64) {  // a last 32 columns (then group == 32: the last group), 16 lanes wide
+    const __m256i bias = _mm256_set1_epi16(kBf16Of128);
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v =
+          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + 32 * blocks)));
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi16(0xF)), bias);
+      const __m256i hi = _mm256_or_si256(_mm256_srli_epi16(v, 4), bias);
+      const float sc = sm[r * lds + 2 * (groups - 1)];
+      for (int m = 0; m < MT; ++m) {
+        const uint16_t* xb = xa + m * K + 64 * blocks;
+        __m256 d = _mm256_dpbf16_ps(_mm256_setzero_ps(), (__m256bh)lo,
+                                    (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+        d = _mm256_dpbf16_ps(d, (__m256bh)hi, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
+        out[m * ldo + r] += hsum(d) * sc;
+      }
+    }
+  }
+}
+
+template <int NR>
+RADIXLM_AVX512_BF16 void int4_bf16_rows(const uint16_t* xa, const float* xsum2, int64_t M, int64_t K,
+                                        const uint8_t* w, const float* sm, int64_t groups, int64_t group,
+                                        float* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    const uint16_t* xm = xa + m0 * K;
+    const float* xs = xsum2 + m0 * 2 * groups;
+    float* o = out + m0 * ldo;
+    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
+      case 1: int4_bf16_tile<NR, 1>(xm, xs, K, w, sm, groups, group, o, ldo); break;
+      case 2: int4_bf16_tile<NR, 2>(xm, xs, K, w, sm, groups, group, o, ldo); break;
+      case 3: int4_bf16_tile<NR, 3>(xm, xs, K, w, sm, groups, group, o, ldo); break;
+      default: int4_bf16_tile<NR, 4>(xm, xs, K, w, sm, groups, group, o, ldo); break;
+    }
+  }
+}
+
+// Output rows per AVX512_BF16 int4 tile: two interleaved streams, and the per-row work (the min term, the
+// horizontal sums) once per pair. Measured on the 2-core Xeon, 1 thread, weights beyond the caches:
+// see kPrefetchBytes.
+constexpr int64_t kBf16RowBlock = 2;
+
 // ---- shared driver --------------------------------------------------------------------------------------
 
 // Output rows per tile. One row at a time keeps the weight read a single sequential stream (rows are
@@ -248,14 +520,15 @@ constexpr int64_t kRowBlock = 1;
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(kRowBlock, ((1 << 16) / std::max<int64_t>(K, 1) + 3) / 4 * 4); }
 
 template <typename T>
-void write_rows(const float* acc, int64_t M, int64_t rows, int64_t n0, const float* bias, T* y, int64_t N) {
+void write_rows(const float* acc, int64_t M, int64_t rows, int64_t lda, int64_t n0, const float* bias, T* y, int64_t N) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t r = 0; r < rows; ++r) store(y + m * N + n0 + r, acc[m * kRowBlock + r] + (bias ? bias[n0 + r] : 0.f));
+    for (int64_t r = 0; r < rows; ++r) store(y + m * N + n0 + r, acc[m * lda + r] + (bias ? bias[n0 + r] : 0.f));
 }
 
-// Runs `tile(n0, NR-tag, acc)` for every block of output rows across torch's threads, then writes the
-// block's [M, rows] results (plus bias) into y in y's dtype.
-template <typename Tile>
+// Runs `tile(n0, m0, mt, NR-tag, acc)` for every block of RowBlock output rows (a last partial block one
+// row at a time, NR-tag 1) and up to 8 activation rows, across torch's threads, then writes the block's
+// [mt, NR] results (acc[m * NR + r], plus bias) into y in y's dtype.
+template <int64_t RowBlock = kRowBlock, typename Tile>
 at::Tensor run_rows(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias, Tile tile) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -265,19 +538,26 @@ at::Tensor run_rows(const at::Tensor& x, int64_t N, const c10::optional<at::Tens
     b = bias->to(at::kFloat).contiguous();
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int64_t grain = (row_grain(K) + RowBlock - 1) / RowBlock * RowBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "radixlm_cpu_rows", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
-      // One block's results for up to 8 activation rows; more rows loop while the block's weights are
-      // still in L1.
-      float acc[kMaxTileRows * 2 * kRowBlock];
-      static_assert(kRowBlock == 1, "a row tail loop is needed for blocks of several rows");
-      for (int64_t n = begin; n < end; n += kRowBlock)
+    at::parallel_for(0, (N + RowBlock - 1) / RowBlock, grain / RowBlock, [&](int64_t begin, int64_t end) {
+      float acc[kMaxTileRows * 2 * RowBlock];  // one block's results for up to 8 activation rows
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t n = blk * RowBlock;
         for (int64_t m0 = 0; m0 < M; m0 += 2 * kMaxTileRows) {
           const int64_t mt = std::min<int64_t>(2 * kMaxTileRows, M - m0);
-          tile(n, m0, mt, std::integral_constant<int, kRowBlock>{}, acc);
-          write_rows(acc, mt, kRowBlock, n, bp, yp + m0 * N, N);
+          if (n + RowBlock <= N) {
+            tile(n, m0, mt, std::integral_constant<int, RowBlock>{}, acc);
+            write_rows(acc, mt, RowBlock, RowBlock, n, bp, yp + m0 * N, N);
+          } else {
+            for (int64_t r = n; r < N; ++r) {
+              tile(r, m0, mt, std::integral_constant<int, 1>{}, acc);
+              write_rows(acc, mt, 1, 1, r, bp, yp + m0 * N, N);
+            }
+          }
         }
+      }
     });
   });
   return y;
@@ -316,22 +596,92 @@ void int8_dequant_rows(const int8_t* w, const float* scales, int64_t K, int64_t 
   }
 }
 
+// The same rows as bf16 (rounded to nearest even), for the bf16 matmul of dense_rows; AVX512_BF16 only.
+// int4: 64 columns per step; vpermt2w puts the low / high nibble lanes back in column order (per 16
+// columns: 8 low, then 8 high), then code * scale + min in float32, packed to bf16 16 columns at a time.
+alignas(64) const uint16_t kNibbleOrder[2][32] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 32, 33, 34, 35, 36, 37, 38, 39, 8, 9, 10, 11, 12, 13, 14, 15, 40, 41, 42, 43, 44, 45, 46, 47},
+    {16, 17, 18, 19, 20, 21, 22, 23, 48, 49, 50, 51, 52, 53, 54, 55, 24, 25, 26, 27, 28, 29, 30, 31, 56, 57, 58, 59, 60, 61, 62, 63}};
+
+RADIXLM_AVX512_BF16 RADIXLM_INLINE __m256i dequant16_bf16(__m256i codes16, float scale, float low) {
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(codes16));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(f, _mm512_set1_ps(scale), _mm512_set1_ps(low)));
+}
+
+RADIXLM_AVX512_BF16 void int4_dequant_rows_bf16(const uint8_t* w, const float* sm, int64_t K, int64_t groups,
+                                                int64_t group, int64_t n0, int64_t n1, uint16_t* out) {
+  const __m512i order0 = _mm512_load_si512(kNibbleOrder[0]), order1 = _mm512_load_si512(kNibbleOrder[1]);
+  std::vector<int64_t> group_of(K / 16);  // per 16 columns (no integer division in the loop: ~25 cycles each)
+  for (int64_t c = 0; c < K / 16; ++c) group_of[c] = 16 * c / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    const float* s = sm + n * groups * 2;
+    uint16_t* o = out + (n - n0) * K;
+    int64_t col = 0;
+    for (; col + 64 <= K; col += 64) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + col / 2)));
+      const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(0xF)), hi = _mm512_srli_epi16(v, 4);
+      const __m512i c0 = _mm512_permutex2var_epi16(lo, order0, hi), c1 = _mm512_permutex2var_epi16(lo, order1, hi);
+      const __m512i cs[2] = {c0, c1};
+      for (int h = 0; h < 4; ++h) {  // 16 columns each: one group (group % 32 == 0)
+        const int64_t g = group_of[col / 16 + h];
+        const __m256i part = h % 2 ? _mm512_extracti64x4_epi64(cs[h / 2], 1) : _mm512_castsi512_si256(cs[h / 2]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + col + 16 * h), dequant16_bf16(part, s[2 * g], s[2 * g + 1]));
+      }
+    }
+    for (; col < K; ++col) {  // a last 32 columns
+      const int64_t c = col / 16, i = col % 16, g = col / group;
+      const int code = i < 8 ? (wr[8 * c + i] & 0xF) : (wr[8 * c + i - 8] >> 4);
+      const at::BFloat16 v(code * s[2 * g] + s[2 * g + 1]);
+      o[col] = v.x;
+    }
+  }
+}
+
+RADIXLM_AVX512_BF16 void int8_dequant_rows_bf16(const int8_t* w, const float* scales, int64_t K, int64_t groups,
+                                                int64_t group, int64_t n0, int64_t n1, uint16_t* out) {
+  std::vector<int64_t> group_of(K / 16 + 1, 0);  // per 16 columns, as above
+  if (groups > 1)
+    for (int64_t c = 0; c < K / 16; ++c) group_of[c] = 16 * c / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    const float* s = scales + n * groups;
+    uint16_t* o = out + (n - n0) * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  // groups: one scale per 16 columns (group % 16 == 0, or one group)
+      const __m512 f = _mm512_mul_ps(widen16(wr + k), _mm512_set1_ps(s[group_of[k / 16]]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+    for (; k < K; ++k) o[k] = at::BFloat16(static_cast<float>(wr[k]) * s[groups == 1 ? 0 : k / group]).x;
+  }
+}
+
 // Prefill: the weight dequantized a block of output rows at a time, multiplied by at::mm in float32.
-template <typename Dequant>
-at::Tensor dense_rows(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias, Dequant dequant) {
+// Prefill: the weight dequantized a block of output rows at a time and multiplied by at::mm: in float32
+// (MKL / oneDNN sgemm), or, for bf16 activations on a CPU with bf16 arithmetic, in bf16 (oneDNN: AMX or
+// AVX512_BF16, float32 accumulation; the dequantized weights round to bf16), several times sgemm's speed.
+template <typename DequantF, typename DequantB>
+at::Tensor dense_rows(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias, DequantF dequant_f32,
+                      DequantB dequant_bf16) {
   const int64_t M = x.size(0), K = x.size(1);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const bool bf16_mm = x.scalar_type() == at::kBFloat16 && current_isa() >= kAvx512Bf16;
+  const at::Tensor xf = bf16_mm ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, xf.options());
-  // 1024 rows of float32 weight: ~3.5 MB at K = 896, big enough for sgemm, small enough to stay cached.
-  const int64_t block = std::max<int64_t>(64, std::min<int64_t>(N, (1 << 22) / std::max<int64_t>(K, 1)));
-  at::Tensor wf = at::empty({std::min(block, N), K}, xf.options());
+  // A block of weight rows that stays in L2 (2 MB: 1170 rows at K = 896 in bf16) while the matmul reads it.
+  const int64_t bytes = bf16_mm ? 2 : 4;
+  const int64_t block = std::max<int64_t>(64, std::min<int64_t>(N, (1 << 21) / bytes / std::max<int64_t>(K, 1)));
+  at::Tensor wbuf = at::empty({std::min(block, N), K}, x.options().dtype(bf16_mm ? at::kBFloat16 : at::kFloat));
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n1 = std::min(N, n0 + block);
-    float* wp = wf.data_ptr<float>();
-    at::parallel_for(n0, n1, 16, [&](int64_t b, int64_t e) { dequant(b, e, wp + (b - n0) * K); });
-    y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, wf.narrow(0, 0, n1 - n0).t()));
+    at::parallel_for(n0, n1, 16, [&](int64_t b, int64_t e) {
+      if (bf16_mm)
+        dequant_bf16(b, e, reinterpret_cast<uint16_t*>(wbuf.data_ptr<at::BFloat16>()) + (b - n0) * K);
+      else
+        dequant_f32(b, e, wbuf.data_ptr<float>() + (b - n0) * K);
+    });
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, wbuf.narrow(0, 0, n1 - n0).t()));
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
   return y.to(x.scalar_type());
 }
 
@@ -355,12 +705,30 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* s = sm.data_ptr<float>();
   if (x.size(0) > dense_above)
-    return dense_rows(x, N, bias, [&](int64_t b, int64_t e, float* out) { int4_dequant_rows(w, s, K, groups, group, b, e, out); });
+    return dense_rows(
+        x, N, bias, [&](int64_t b, int64_t e, float* out) { int4_dequant_rows(w, s, K, groups, group, b, e, out); },
+        [&](int64_t b, int64_t e, uint16_t* out) { int4_dequant_rows_bf16(w, s, K, groups, group, b, e, out); });
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   std::vector<float> xsum(x.size(0) * groups, 0.f);  // per activation row and group: sum of x
-  for (int64_t i = 0; i < x.size(0) * K; ++i) xsum[i / group] += xp[i];
+  for (int64_t r = 0; r < x.size(0) * groups; ++r)  // (no division per element: it cost ~50 us at K = 4864)
+    for (int64_t j = 0; j < group; ++j) xsum[r] += xp[r * group + j];
   const float* xs = xsum.data();
+  if (x.scalar_type() == at::kBFloat16 && current_isa() >= kAvx512Bf16 && int4_bf16_group_ok(group)) {
+    std::vector<uint16_t> xa(x.numel());
+    arrange_int4_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), K, xa.data());
+    std::vector<float> xsum2(2 * xsum.size(), 0.f);
+    for (size_t i = 0; i < xsum.size(); ++i) {  // dotted with sm's (scale, min): the codes' bias, then min
+      xsum2[2 * i] = -kCodeBias * xsum[i];
+      xsum2[2 * i + 1] = xsum[i];
+    }
+    const uint16_t* xap = xa.data();
+    const float* xs2 = xsum2.data();
+    return run_rows<kBf16RowBlock>(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto nr, float* acc) {
+      constexpr int NR = decltype(nr)::value;
+      int4_bf16_rows<NR>(xap + m0 * K, xs2 + m0 * 2 * groups, mt, K, w + n * (K / 2), s + n * groups * 2, groups, group, acc, NR);
+    });
+  }
   return run_rows(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto nr, float* acc) {
     constexpr int NR = decltype(nr)::value;
     int4_rows<NR>(xp + m0 * K, xs + m0 * groups, K, mt, w + n * (K / 2), K / 2, s + n * groups * 2, groups, group, acc, kRowBlock);
@@ -379,9 +747,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const int8_t* w = q.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   if (x.size(0) > dense_above)
-    return dense_rows(x, N, bias, [&](int64_t b, int64_t e, float* out) { int8_dequant_rows(w, s, K, groups, group, b, e, out); });
+    return dense_rows(
+        x, N, bias, [&](int64_t b, int64_t e, float* out) { int8_dequant_rows(w, s, K, groups, group, b, e, out); },
+        [&](int64_t b, int64_t e, uint16_t* out) { int8_dequant_rows_bf16(w, s, K, groups, group, b, e, out); });
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
+  if (current_isa() >= kAvx512)
+    return run_rows(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto, float* acc) {
+      int8_rows_512(xp + m0 * K, K, mt, w + n * K, K, s + n * groups, groups, group, acc, kRowBlock);
+    });
   return run_rows(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto nr, float* acc) {
     constexpr int NR = decltype(nr)::value;
     int8_rows<NR>(xp + m0 * K, K, mt, w + n * K, K, s + n * groups, groups, group, acc, kRowBlock);
@@ -393,6 +767,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sm, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
+  m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
 }
 
 TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {

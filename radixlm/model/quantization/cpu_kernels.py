@@ -1,4 +1,8 @@
-"""radixlm's own AVX2 + FMA CPU kernels for weight-only int8 / int4 (cpu_kernels.cpp), built on first use.
+"""radixlm's own x86 CPU kernels for weight-only int8 / int4 (cpu_kernels.cpp), built on first use.
+
+They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
+them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx512|avx512_bf16` (or
+`pinned_isa` in tests) caps it.
 
 `ops()` gives the loaded op namespace (`torch.ops.radixlm_cpu`) or None, and the reason is logged once:
 - `RADIXLM_CPU_KERNELS=0` (or off / false / no): forced off, e.g. to test the fallback;
@@ -23,6 +27,7 @@ against an independent one:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -35,12 +40,20 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "RADIXLM_CPU_KERNELS"
+ENV_ISA = "RADIXLM_CPU_KERNEL_ISA"
+ISA_NAMES = ("avx2", "avx512", "avx512_bf16")  # the C++ levels 0, 1, 2
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # At or below this many activation rows the register kernels run; above it the weight is dequantized a
 # block of rows at a time into at::mm (float32 sgemm). Measured on the AVX2 EPYC, 1 thread, 24 linears of
 # the 0.5B shape, ms (kernel / dequantized sgemm / torch's kernel): int4 M=32 183 / 237 / 240,
 # M=64 408 / 404 / 426, M=128 825 / 709 / 748; int8 M=64 354 / 552 / 556, M=128 739 / 673 / 1041.
 SMALL_M = 64
+# With bf16 activations on a CPU with AVX512_BF16 / AMX, the dense path's matmul runs in bf16 and wins much
+# earlier. 2-core Xeon (AMX), 2 threads, ms per call for the 9728x896 gate/up weight, register kernel /
+# dequantized bf16 matmul / bf16 F.linear: int4 M=4 1.00 / 1.69 / 0.82, M=8 1.94 / 1.75 / 0.86,
+# M=16 3.76 / 1.84 / 0.86; int8 M=8 1.45 / 1.61, M=16 3.55 / 1.70.
+SMALL_M_BF16 = 6
+_isa_now: list[int] = []  # the level in use, cached here so that each linear call need not ask the C++
 
 
 def disabled_by_env() -> bool:
@@ -96,8 +109,57 @@ def _load():
         _log_once(f"radixlm's CPU int8 / int4 kernels did not build ({type(e).__name__}: {str(e)[-300:]})")
         return None
     _register_fake()
-    logger.info("radixlm CPU int8 / int4 kernels ready (%.1f s, cached after the first build)", took)
-    return torch.ops.radixlm_cpu
+    ops = torch.ops.radixlm_cpu
+    cap = os.environ.get(ENV_ISA, "").strip().lower()
+    if cap:
+        if cap not in ISA_NAMES:
+            raise ValueError(f"{ENV_ISA}={cap!r}: expected one of {', '.join(ISA_NAMES)}")
+        ops.isa_level(ISA_NAMES.index(cap))
+    _isa_now[:] = [ops.isa_level(-1)]
+    logger.info(
+        "radixlm CPU int8 / int4 kernels ready (%.1f s, cached after the first build), %s",
+        took,
+        ISA_NAMES[_isa_now[0]],
+    )
+    return ops
+
+
+def dense_above(dtype: torch.dtype) -> int:
+    """Above this many activation rows the kernels dequantize into a float matmul (see SMALL_M)."""
+    if dtype == torch.bfloat16 and _isa_now and _isa_now[0] >= ISA_NAMES.index("avx512_bf16"):
+        return SMALL_M_BF16
+    return SMALL_M
+
+
+def isa() -> str | None:
+    """The instruction-set level the kernels use now, or None without them."""
+    loaded = ops()
+    return None if loaded is None else ISA_NAMES[loaded.isa_level(-1)]
+
+
+def available_isas() -> list[str]:
+    """Every level this CPU can run (lowest first), whatever the cap; [] without the kernels."""
+    loaded = ops()
+    if loaded is None:
+        return []
+    now = loaded.isa_level(-1)
+    best = loaded.isa_level(len(ISA_NAMES) - 1)
+    _isa_now[:] = [loaded.isa_level(now)]
+    return list(ISA_NAMES[: best + 1])
+
+
+@contextlib.contextmanager
+def pinned_isa(name: str):
+    """Run the kernels at level `name` (at most what the CPU has) inside the block; tests use it to cover
+    the AVX2 code on an AVX-512 machine."""
+    loaded = ops()
+    assert loaded is not None, "the kernels are not available here"
+    before = loaded.isa_level(-1)
+    _isa_now[:] = [loaded.isa_level(ISA_NAMES.index(name))]
+    try:
+        yield
+    finally:
+        _isa_now[:] = [loaded.isa_level(before)]
 
 
 def _register_fake() -> None:

@@ -11,8 +11,8 @@ which is torch's kernel's convention: scales_and_zeros is [in / G, out, 2]. The 
 per byte, so a decode step reads an eighth of float32's bytes.
 
 Two kernels, chosen when the weight is packed (cpu_kernels.py says which is there):
-- radixlm's AVX2 kernel (cpu_kernels.cpp): its own nibble order, float32 (scale, min) per group with
-  min = zero - 8 * scale, the value code 0 stands for;
+- radixlm's CPU kernel (cpu_kernels.cpp; AVX2, or AVX512_BF16 for bf16 activations): its own nibble
+  order, float32 (scale, min) per group with min = zero - 8 * scale, the value code 0 stands for;
 - torch's `_weight_int4pack_mm_for_cpu` otherwise (`_convert_weight_to_int4pack_for_cpu`'s layout, scales
   in the activation dtype).
 """
@@ -83,7 +83,9 @@ class Int4Weight(QuantizedWeight):
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2, lead = self._flat(x)
         if self._ops is not None:
-            y = self._ops.int4_linear(x2, self.packed, self.sm, self.group_size, bias, cpu_kernels.SMALL_M)
+            y = self._ops.int4_linear(
+                x2, self.packed, self.sm, self.group_size, bias, cpu_kernels.dense_above(x2.dtype)
+            )
             return y.view(*lead, self.out_features)
         if x2.dtype != self.scales_and_zeros.dtype:
             x2 = x2.to(self.scales_and_zeros.dtype)

@@ -7,7 +7,7 @@ decode step reads a quarter of the bytes of float32 (half of bf16) from memory: 
 bound by exactly that read.
 
 Two kernels, chosen when the weight is packed (cpu_kernels.py says which is there):
-- radixlm's AVX2 kernel (cpu_kernels.cpp): float32 scales, also a scale per group of input columns
+- radixlm's CPU kernel (cpu_kernels.cpp; AVX2, or AVX-512): float32 scales, also a scale per group of input columns
   (GGUF Q8_0's blocks of 32, repacked without rounding again: gguf.py);
 - torch's `_weight_int8pack_mm` otherwise: per-channel scales only, in the activation dtype.
 """
@@ -59,7 +59,7 @@ class Int8Weight(QuantizedWeight):
         x2, lead = self._flat(x)
         if self._ops is not None:
             y = self._ops.int8_linear(
-                x2, self.qweight, self._scales2d, self.group_size, bias, cpu_kernels.SMALL_M
+                x2, self.qweight, self._scales2d, self.group_size, bias, cpu_kernels.dense_above(x2.dtype)
             )
             return y.view(*lead, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
