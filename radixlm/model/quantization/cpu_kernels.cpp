@@ -86,6 +86,19 @@ inline void store(T* out, float v) {
   *out = static_cast<T>(v);  // c10::BFloat16 / c10::Half round to nearest even
 }
 
+// Runs tile(m0, MT-tag) over the activation rows in tiles of up to kMaxTileRows (MT a compile-time count).
+template <typename Tile>
+inline void for_row_tiles(int64_t M, Tile tile) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
+      case 1: tile(m0, std::integral_constant<int, 1>{}); break;
+      case 2: tile(m0, std::integral_constant<int, 2>{}); break;
+      case 3: tile(m0, std::integral_constant<int, 3>{}); break;
+      default: tile(m0, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
 // ---- int4 ---------------------------------------------------------------------------------------------
 
 // NR output rows (starting at w / sm) times MT activation rows; results into out[m * ldo + r].
@@ -166,17 +179,13 @@ inline void int4_tile_one(const float* x, const float* xsum, const uint8_t* w, i
 template <int NR>
 inline void int4_rows(const float* x, const float* xsum, int64_t ldx, int64_t M, const uint8_t* w, int64_t ldw,
                       const float* sm, int64_t groups, int64_t group, float* out, int64_t ldo) {
-  if (M == 1) return int4_tile_one<NR>(x, xsum, w, ldw, sm, groups, group, out);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* xm = x + m0 * ldx;
-    float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
-      case 1: int4_tile_one<NR>(xm, xsum + m0 * groups, w, ldw, sm, groups, group, o); break;
-      case 2: int4_tile<NR, 2>(xm, ldx, w, ldw, sm, groups, group, o, ldo); break;
-      case 3: int4_tile<NR, 3>(xm, ldx, w, ldw, sm, groups, group, o, ldo); break;
-      default: int4_tile<NR, 4>(xm, ldx, w, ldw, sm, groups, group, o, ldo); break;
-    }
-  }
+  for_row_tiles(M, [&](int64_t m0, auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    if constexpr (MT == 1)  // one activation row: the min term once per row (int4_tile_one)
+      int4_tile_one<NR>(x + m0 * ldx, xsum + m0 * groups, w, ldw, sm, groups, group, out + m0 * ldo);
+    else
+      int4_tile<NR, MT>(x + m0 * ldx, ldx, w, ldw, sm, groups, group, out + m0 * ldo, ldo);
+  });
 }
 
 // ---- int8 ---------------------------------------------------------------------------------------------
@@ -258,16 +267,9 @@ inline void int8_tile(const float* x, int64_t ldx, const int8_t* w, int64_t K, c
 template <int NR>
 inline void int8_rows(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
                       const float* scales, int64_t groups, int64_t group, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* xm = x + m0 * ldx;
-    float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
-      case 1: int8_tile<NR, 1>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      case 2: int8_tile<NR, 2>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      case 3: int8_tile<NR, 3>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      default: int8_tile<NR, 4>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-    }
-  }
+  for_row_tiles(M, [&](int64_t m0, auto mt) {
+    int8_tile<NR, decltype(mt)::value>(x + m0 * ldx, ldx, w, K, scales, groups, group, out + m0 * ldo, ldo);
+  });
 }
 
 // ---- AVX-512 -------------------------------------------------------------------------------------------
@@ -342,16 +344,9 @@ RADIXLM_AVX512 void int8_tile_512(const float* x, int64_t ldx, const int8_t* w, 
 
 RADIXLM_AVX512 void int8_rows_512(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
                                   const float* scales, int64_t groups, int64_t group, float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const float* xm = x + m0 * ldx;
-    float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
-      case 1: int8_tile_512<1>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      case 2: int8_tile_512<2>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      case 3: int8_tile_512<3>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-      default: int8_tile_512<4>(xm, ldx, w, K, scales, groups, group, o, ldo); break;
-    }
-  }
+  for_row_tiles(M, [&](int64_t m0, auto mt) {
+    int8_tile_512<decltype(mt)::value>(x + m0 * ldx, ldx, w, K, scales, groups, group, out + m0 * ldo, ldo);
+  });
 }
 
 // int4 with bf16 activations. A row's 64-column block is 32 packed bytes; widened to 32 16-bit lanes,
@@ -491,17 +486,10 @@ template <int NR>
 RADIXLM_AVX512_BF16 void int4_bf16_rows(const uint16_t* xa, const float* xsum2, int64_t M, int64_t K,
                                         const uint8_t* w, const float* sm, int64_t groups, int64_t group,
                                         float* out, int64_t ldo) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const uint16_t* xm = xa + m0 * K;
-    const float* xs = xsum2 + m0 * 2 * groups;
-    float* o = out + m0 * ldo;
-    switch (std::min<int64_t>(kMaxTileRows, M - m0)) {
-      case 1: int4_bf16_tile<NR, 1>(xm, xs, K, w, sm, groups, group, o, ldo); break;
-      case 2: int4_bf16_tile<NR, 2>(xm, xs, K, w, sm, groups, group, o, ldo); break;
-      case 3: int4_bf16_tile<NR, 3>(xm, xs, K, w, sm, groups, group, o, ldo); break;
-      default: int4_bf16_tile<NR, 4>(xm, xs, K, w, sm, groups, group, o, ldo); break;
-    }
-  }
+  for_row_tiles(M, [&](int64_t m0, auto mt) {
+    int4_bf16_tile<NR, decltype(mt)::value>(xa + m0 * K, xsum2 + m0 * 2 * groups, K, w, sm, groups, group,
+                                            out + m0 * ldo, ldo);
+  });
 }
 
 // Output rows per AVX512_BF16 int4 tile: two interleaved streams, and the per-row work (the min term, the
