@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,6 +49,10 @@ class SpeedRow:
     decode_tok_s: float
     weight_mib: float
     ratio_to_bf16: float | None = None  # to the float model ("none") in the same run, bf16 or fp32
+    # The median over rounds of this round's rate / the float model's rate in the same round: on a machine
+    # whose speed drifts between rounds, the best-of-rounds ratio above pairs two different moments.
+    paired_ratio: float | None = None
+    round_rates: list[float] = field(default_factory=list)
     dtype: str = "bfloat16"  # --speed-dtype: the float model's dtype and every method's activations
 
 
@@ -71,12 +76,19 @@ class QuantReport:
         base = _label("none", self.speed[0].dtype if self.speed else "bfloat16")
         lines = [
             f"decode tok/s (ratio to {base}, same run)",
-            f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x ' + base:>8}{'MiB':>9}",
+            f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x ' + base:>8}{'paired':>8}{'MiB':>9}",
         ]
         for r in self.speed:
             ratio = f"{r.ratio_to_bf16:.2f}" if r.ratio_to_bf16 is not None else "-"
+            paired = f"{r.paired_ratio:.2f}" if r.paired_ratio is not None else "-"
             lines.append(
-                f"{_label(r.method, r.dtype):<8}{r.batch:>6}{r.decode_tok_s:>10.2f}{ratio:>8}{r.weight_mib:>9.0f}"
+                f"{_label(r.method, r.dtype):<8}{r.batch:>6}{r.decode_tok_s:>10.2f}{ratio:>8}{paired:>8}"
+                f"{r.weight_mib:>9.0f}"
+            )
+        if self.speed:
+            lines.append(
+                f"(tok/s and x {base}: each row's best round; paired: the median over rounds of the row's rate "
+                f"/ {base}'s in the same round)"
             )
         if self.quality:
             lines += ["", "quality on SmolLM2-135M-Instruct (bf16 reference)"]
@@ -181,7 +193,7 @@ def run_speed(
     dtype = getattr(ns, "speed_dtype", "bfloat16")
     compile_kw = {"enable_torch_compile": True} if getattr(ns, "enable_torch_compile", False) else {}
     cores = {m: EngineCore(_config(model_path, m, dtype, max_total_tokens=pool, **compile_kw)) for m in methods}
-    best: dict[tuple[str, int], float] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
     for core in cores.values():  # warm-up: first-call allocations, kernel init, compiled graphs
         for b in sorted({1, *batches}):
             decode_rate(core, b, 8, 4, seed=ns.seed + 99)
@@ -189,10 +201,12 @@ def run_speed(
         for b in batches:
             for method, core in cores.items():
                 rate = decode_rate(core, b, ns.prompt_len, ns.decode_tokens, ns.seed + r)
-                best[method, b] = max(best.get((method, b), 0.0), rate)
+                rates.setdefault((method, b), []).append(rate)
                 print(f"  round {r + 1}: {_label(method)} batch {b}: {rate:.2f} tok/s", flush=True)
     rows = [
-        SpeedRow(m, b, best[m, b], cores[m].model_info().weight_bytes / 2**20, dtype=dtype)
+        SpeedRow(
+            m, b, max(rates[m, b]), cores[m].model_info().weight_bytes / 2**20, dtype=dtype, round_rates=rates[m, b]
+        )
         for b in batches
         for m in methods
     ]
@@ -200,10 +214,12 @@ def run_speed(
         core.close()
     cores.clear()
     gc.collect()
-    base = {r.batch: r.decode_tok_s for r in rows if r.method == "none"}
+    base = {r.batch: r for r in rows if r.method == "none"}
     for r in rows:
         if r.batch in base:
-            r.ratio_to_bf16 = r.decode_tok_s / base[r.batch]
+            ref = base[r.batch]
+            r.ratio_to_bf16 = r.decode_tok_s / ref.decode_tok_s
+            r.paired_ratio = statistics.median(a / b for a, b in zip(r.round_rates, ref.round_rates))
     return rows
 
 

@@ -495,7 +495,10 @@ RADIXLM_AVX512_BF16 void int4_bf16_rows(const uint16_t* xa, const float* xsum2, 
 // Output rows per AVX512_BF16 int4 tile: two interleaved streams, and the per-row work (the min term, the
 // horizontal sums) once per pair. Measured on the 2-core Xeon, 1 thread, weights beyond the caches:
 // see kPrefetchBytes.
-constexpr int64_t kBf16RowBlock = 2;
+#ifndef RADIXLM_BF16_ROW_BLOCK
+#define RADIXLM_BF16_ROW_BLOCK 2
+#endif
+constexpr int64_t kBf16RowBlock = RADIXLM_BF16_ROW_BLOCK;
 
 // ---- shared driver --------------------------------------------------------------------------------------
 
