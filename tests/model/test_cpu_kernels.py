@@ -11,7 +11,7 @@ import torch
 
 from radixlm.model.quantization import cpu_kernels
 from radixlm.model.quantization.gguf import exact_int8_blocks
-from radixlm.model.quantization.int4 import Int4Weight
+from radixlm.model.quantization.int4 import Int4Weight, Int4WeightOnly
 from radixlm.model.quantization.int8 import Int8Weight
 
 needs_kernels = pytest.mark.skipif(
@@ -135,6 +135,11 @@ def test_switched_off_uses_torchs_kernels(monkeypatch) -> None:
     torch.testing.assert_close(q8(x), x @ q8.dequantize().T, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="per group"):
         Int8Weight.from_parts(q8.qweight, torch.ones(32, 4), torch.float32)
+    # torch's int4 packing takes output rows by 16: such a weight is refused up front (it stays dense),
+    # not failed inside torch; radixlm's kernel takes any row count.
+    why = Int4WeightOnly().unsupported(torch.randn(24, 128))
+    assert why is not None and "multiple of 16" in why
+    assert Int4WeightOnly().unsupported(torch.randn(32, 128)) is None
     assert exact_int8_blocks(q8.dequantize(), torch.float32) is None
 
 

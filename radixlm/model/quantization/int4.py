@@ -133,6 +133,8 @@ class Int4WeightOnly(WeightOnlyMethod):
             return (
                 f"input width {in_f} is not a multiple of any group size ({', '.join(map(str, GROUP_SIZES))})"
             )
+        if out_f % 16 and cpu_kernels.ops() is None:  # torch's packing takes output rows by 16
+            return f"output width {out_f} is not a multiple of 16 (torch's int4 kernel; radixlm's is off here)"
         return None
 
     def quantize(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int4Weight:
