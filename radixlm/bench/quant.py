@@ -267,7 +267,7 @@ def run_quant_bench(ns: argparse.Namespace) -> QuantReport:
         "method (int8 / int4: weight-only, radixlm's CPU kernels where they built, else torch's; LM head "
         "included)"
     )
-    from radixlm.model.quantization import cpu_kernels
+    from radixlm.layers import cpu_kernels
 
     report.notes.append(
         f"radixlm CPU kernels: {cpu_kernels.isa() or 'not built'}; decoder "

@@ -3,7 +3,9 @@
 Spans fall into three kinds, attended differently because their shapes differ so much that padding one to
 another wastes most of the work:
 
-- decodes (one query each) are padded into one group; every span's KV history is padded to the longest:
+- decodes (one query each) form one group. On a CPU where radixlm's kernels built (layers/cpu_kernels.cpp),
+  plain softmax layers read each history in place from the pool (`decode_attention`: no copy, no padding);
+  otherwise every span's KV history is gathered and padded to the longest:
 
       q       [B, H, D]           gathered from the packed queries
       kv_idx  [B, Lmax]           = req_to_token[row, :Lmax]  (slot 0, the null page, past each seq_len)
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends.base import AttentionBackend
 from radixlm.layers.attention_backends.bidirectional import BidirectionalPlan, attend_bidirectional
 
@@ -363,9 +366,27 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """The decode group -> [B, H, Dv], in span order."""
     q1 = q if g.token_idx is None else q.index_select(0, g.token_idx)  # [B, H, D]
+    if _in_place_ok(q1, k_buf, v_buf, opts, window):
+        # radixlm's CPU kernel reads each history's rows where they lie in the pool: no gathered copy.
+        ops = cpu_kernels.ops()
+        return ops.decode_attention(q1.contiguous(), k_buf, v_buf, g.kv_idx, g.seq_lens, opts.scaling)
     k = _kv_rows(k_buf, g.kv_idx, q.dtype, opts.k_scale)  # [B, L, Hkv, D]
     v = _kv_rows(v_buf, g.kv_idx, q.dtype, opts.v_scale)
     return _decode_attention(q1, k, v, g.mask(window.sliding, window.chunk), opts)
+
+
+def _in_place_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window) -> bool:
+    """Whether cpu_kernels' decode attention takes this layer: plain softmax attention (no softcap, sinks,
+    window or chunk), a pool in the query's dtype (not fp8), head dims by 8, on a CPU where it built."""
+    return (
+        q.device.type == "cpu"
+        and not opts.explicit
+        and window.full
+        and k_buf.dtype == q.dtype == v_buf.dtype
+        and q.shape[-1] % 8 == 0
+        and v_buf.shape[-1] % 8 == 0
+        and cpu_kernels.decode_attention_ok()
+    )
 
 
 def _attend_shared(

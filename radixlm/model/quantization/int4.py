@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from radixlm.model.quantization import cpu_kernels
+from radixlm.layers import cpu_kernels
 from radixlm.model.quantization.base import QuantizedWeight, WeightOnlyMethod
 
 GROUP_SIZES = (128, 64, 32)  # the first that divides the input width is used

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from radixlm.model.quantization import cpu_kernels
+from radixlm.layers import cpu_kernels
 from radixlm.model.quantization.base import QuantizedWeight, WeightOnlyMethod
 
 

@@ -753,15 +753,130 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   });
 }
 
+// ---- decode attention, reading the KV pool in place --------------------------------------------------
+//
+// out[b, h] = softmax(scale * q[b, h] . K[slot(b, l)]) V[slot(b, l)] over l < seq_lens[b], where
+// slot(b, l) = kv_idx[b, l] and K, V are the pool's [slots, Hkv, D] buffers: no gathered copy of the
+// history (the torch backend's index_select copied every history each layer), no padding, no mask. One
+// (request, KV head) per task; the G query heads of a KV head share each loaded K / V row. float32 math
+// (AVX2 + FMA), any input dtype of float32 / bf16 / fp16; head dims a multiple of 8.
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// exp for x <= 0 (softmax after the max is taken off), Cephes' polynomial: ~1 ulp of float32.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+template <typename T>
+void decode_attention_kernel(const T* q, const T* kb, const T* vb, const int64_t* kv_idx, const int64_t* seq_lens,
+                             T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t Lmax, float scale) {
+  const int64_t G = H / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), scores, acc(G * Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv, L = seq_lens[b];
+      const int64_t* idx = kv_idx + b * Lmax;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(b * H + h * G + g) * D + d]) * scale;
+      scores.resize(G * L);
+      for (int64_t l = 0; l < L; ++l) {
+        const T* kr = kb + (idx[l] * Hkv + h) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          __m256 s = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * D + d]), load8(kr + d), s);
+          scores[g * L + l] = hsum(s);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> denom(G);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = &scores[g * L];
+        const float mx = *std::max_element(sg, sg + L);
+        __m256 sum8 = _mm256_setzero_ps();
+        int64_t l = 0;
+        for (; l + 8 <= L; l += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), _mm256_set1_ps(mx)));
+          _mm256_storeu_ps(sg + l, e);
+          sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = hsum(sum8);
+        for (; l < L; ++l) sum += (sg[l] = std::exp(sg[l] - mx));
+        denom[g] = 1.f / sum;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const T* vr = vb + (idx[l] * Hkv + h) * Dv;
+        for (int64_t d = 0; d < Dv; d += 8) {
+          const __m256 v8 = load8(vr + d);
+          for (int64_t g = 0; g < G; ++g)
+            _mm256_storeu_ps(&acc[g * Dv + d],
+                             _mm256_fmadd_ps(_mm256_set1_ps(scores[g * L + l]), v8, _mm256_loadu_ps(&acc[g * Dv + d])));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < Dv; ++d)
+          out[(b * H + h * G + g) * Dv + d] = static_cast<T>(acc[g * Dv + d] * denom[g]);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
+                            const at::Tensor& kv_idx, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_buf.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "decode_attention: q [B, H, D], k/v buffers [N, Hkv, D]");
+  TORCH_CHECK(q.is_contiguous() && k_buf.is_contiguous() && v_buf.is_contiguous(), "decode_attention: contiguous q / k / v");
+  TORCH_CHECK(k_buf.scalar_type() == q.scalar_type() && v_buf.scalar_type() == q.scalar_type(),
+              "decode_attention: q, k and v in one dtype");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_buf.size(1), Dv = v_buf.size(2);
+  TORCH_CHECK(k_buf.size(2) == D && v_buf.size(1) == Hkv && H % Hkv == 0, "decode_attention: head shapes");
+  TORCH_CHECK(D % 8 == 0 && Dv % 8 == 0, "decode_attention: head dims must be multiples of 8");
+  const at::Tensor idx = kv_idx.to(at::kLong).contiguous(), lens = seq_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == B && lens.numel() == B, "decode_attention: kv_idx [B, L], seq_lens [B]");
+  TORCH_CHECK(lens.numel() == 0 || lens.max().item<int64_t>() <= idx.size(1), "decode_attention: seq_lens beyond kv_idx");
+  at::Tensor out = at::empty({B, H, Dv}, q.options());
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    decode_attention_kernel<T>(q.data_ptr<T>(), k_buf.data_ptr<T>(), v_buf.data_ptr<T>(), idx.data_ptr<int64_t>(),
+                               lens.data_ptr<int64_t>(), out.data_ptr<T>(), B, H, Hkv, D, Dv, idx.size(1),
+                               static_cast<float>(scale));
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "decode_attention: no kernel for ", q.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sm, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
+  m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, Tensor seq_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -99,7 +99,7 @@ def _load():
         load(
             name="radixlm_cpu_kernels",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -122,6 +122,15 @@ def _load():
         ISA_NAMES[_isa_now[0]],
     )
     return ops
+
+
+# Set to False by tests that compare the torch backend's own decode path with the kernel.
+DECODE_ATTENTION = True
+
+
+def decode_attention_ok() -> bool:
+    """Whether the torch attention backend may use the in-place decode attention kernel here."""
+    return DECODE_ATTENTION and ops() is not None
 
 
 def dense_above(dtype: torch.dtype) -> int:
@@ -172,6 +181,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("radixlm_cpu::int8_linear")
     def _int8(x, q, scales, group, bias, dense_above):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("radixlm_cpu::decode_attention")
+    def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):
+        return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
 
 
 # ---- the packings and their references (plain torch: independent of the C++) -------------------------

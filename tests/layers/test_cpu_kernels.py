@@ -1,4 +1,4 @@
-"""radixlm's int8 / int4 CPU kernels (model/quantization/cpu_kernels.cpp), at every instruction-set level
+"""radixlm's int8 / int4 CPU kernels (layers/cpu_kernels.cpp), at every instruction-set level
 this CPU has (AVX2, AVX-512, AVX512_BF16), against the float matrix their packing holds, unpacked by plain
 torch ops (cpu_kernels.int4_reference / int8_reference); the switch
 that turns them off (torch's kernels then run); GGUF Q8_0 blocks repacked exactly; and a whole model's
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixlm.model.quantization import cpu_kernels
+from radixlm.layers import cpu_kernels
 from radixlm.model.quantization.gguf import exact_int8_blocks
 from radixlm.model.quantization.int4 import Int4Weight, Int4WeightOnly
 from radixlm.model.quantization.int8 import Int8Weight
@@ -146,7 +146,7 @@ def test_switched_off_uses_torchs_kernels(monkeypatch) -> None:
 @needs_kernels
 # Behind `slow` (CI time): tests/model/test_quantization.py's whole-model tests run the kernels in the
 # default run.
-@pytest.mark.slow  # about 30 s each; `python -m pytest -m slow tests/model/test_cpu_kernels.py`
+@pytest.mark.slow  # about 30 s each; `python -m pytest -m slow tests/layers/test_cpu_kernels.py`
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_greedy_tokens_with_the_kernels_equal_the_dequantized_model(method) -> None:
     """fp32, native: the engine on radixlm's kernels, then the same engine with every packing replaced by
@@ -182,3 +182,56 @@ def test_greedy_tokens_with_the_kernels_equal_the_dequantized_model(method) -> N
         m.quant = Dense(m.quant)
     core.flush_cache()
     assert drive_core(core, prompts, params)["ids"] == ours
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# (B, H, Hkv, D, Lmax): grouped query heads (7 and 4 per KV head), one per KV head, head dims 64 / 128,
+# histories shorter than 8 (the scalar softmax tail) and longer.
+@pytest.mark.parametrize("shape", [(1, 14, 2, 64, 40), (3, 8, 8, 64, 5), (5, 4, 1, 128, 19)])
+def test_decode_attention_reads_the_pool_in_place(dtype, shape) -> None:
+    """The in-place decode kernel against SDPA on the gathered, masked histories: slots scattered through
+    the pool, each request with its own length, entries past a request's length pointing anywhere."""
+    import torch.nn.functional as F
+
+    B, H, Hkv, D, Lmax = shape
+    g = torch.Generator().manual_seed(B * H + D)
+    n_slots = B * Lmax + 7
+    k_buf = torch.randn(n_slots, Hkv, D, generator=g).to(dtype)
+    v_buf = torch.randn(n_slots, Hkv, D, generator=g).to(dtype)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    seq = torch.randint(1, Lmax + 1, (B,), generator=g)
+    seq[0] = Lmax
+    kv_idx = torch.randperm(n_slots, generator=g)[: B * Lmax].view(B, Lmax)
+    got = cpu_kernels.ops().decode_attention(q, k_buf, v_buf, kv_idx, seq, D**-0.5)
+    assert got.shape == (B, H, D) and got.dtype == dtype
+    mask = (torch.arange(Lmax)[None] < seq[:, None])[:, None, None, :]
+    k = k_buf[kv_idx].double().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    v = v_buf[kv_idx].double().permute(0, 2, 1, 3)
+    ref = F.scaled_dot_product_attention(q.double().view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask, scale=D**-0.5)
+    tol = 2e-6 if dtype == torch.float32 else 2**-7  # float32 sums; else the output's rounding
+    assert (got.double() - ref.reshape(B, H, D)).abs().max().item() <= tol
+
+
+@needs_kernels
+def test_torch_backend_decodes_match_with_and_without_the_kernel(monkeypatch) -> None:
+    """fp32, native: the engine's greedy tokens with the in-place decode kernel and with the gather + SDPA
+    path (cpu_kernels.DECODE_ATTENTION off) are the same, over requests of different lengths."""
+    from radixlm.config import EngineConfig
+    from radixlm.core.engine_core import EngineCore
+    from radixlm.testing import cached_model_folder
+    from tests.parity_utils import drive_core, random_prompts
+
+    core = EngineCore(
+        EngineConfig(model_path=str(cached_model_folder("qwen2", "tiny")), dtype="float32", inline_core=True)
+    )
+    prompts = random_prompts(core.runner.vocab_size, [3, 9, 17, 30], seed=5)
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    asked: list[bool] = []  # the backend's answers: the kernel did run
+    ok = cpu_kernels.decode_attention_ok
+    monkeypatch.setattr(cpu_kernels, "decode_attention_ok", lambda: asked.append(ok()) or asked[-1])
+    with_kernel = drive_core(core, prompts, params)
+    assert asked and all(asked)
+    monkeypatch.setattr(cpu_kernels, "DECODE_ATTENTION", False)
+    core.flush_cache()
+    assert drive_core(core, prompts, params)["ids"] == with_kernel["ids"]
