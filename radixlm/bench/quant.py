@@ -74,10 +74,12 @@ class QuantReport:
 
     def table(self) -> str:
         base = _label("none", self.speed[0].dtype if self.speed else "bfloat16")
-        lines = [
-            f"decode tok/s (ratio to {base}, same run)",
-            f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x ' + base:>8}{'paired':>8}{'MiB':>9}",
-        ]
+        lines = []
+        if self.speed:
+            lines += [
+                f"decode tok/s (ratio to {base}, same run)",
+                f"{'method':<8}{'batch':>6}{'tok/s':>10}{'x ' + base:>8}{'paired':>8}{'MiB':>9}",
+            ]
         for r in self.speed:
             ratio = f"{r.ratio_to_bf16:.2f}" if r.ratio_to_bf16 is not None else "-"
             paired = f"{r.paired_ratio:.2f}" if r.paired_ratio is not None else "-"
