@@ -3,9 +3,10 @@
 Spans fall into three kinds, attended differently because their shapes differ so much that padding one to
 another wastes most of the work:
 
-- decodes (one query each) form one group. On a CPU where radixlm's kernels built (layers/cpu_kernels.cpp),
-  plain softmax layers read each history in place from the pool (`decode_attention`: no copy, no padding);
-  otherwise every span's KV history is gathered and padded to the longest:
+- decodes (one query each) form one group. In float32 on a CPU where radixlm's kernels built
+  (layers/cpu_kernels.cpp), plain softmax layers read each history in place from the pool
+  (`decode_attention`: no copy, no padding); otherwise every span's KV history is gathered and padded to
+  the longest:
 
       q       [B, H, D]           gathered from the packed queries
       kv_idx  [B, Lmax]           = req_to_token[row, :Lmax]  (slot 0, the null page, past each seq_len)
@@ -376,10 +377,17 @@ def _attend_decodes(
 
 
 def _in_place_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window) -> bool:
-    """Whether cpu_kernels' decode attention takes this layer: plain softmax attention (no softcap, sinks,
-    window or chunk), a pool in the query's dtype (not fp8), head dims by 8, on a CPU where it built."""
+    """Whether cpu_kernels' decode attention takes this layer: float32, plain softmax attention (no softcap,
+    sinks, window or chunk), a float32 pool (not fp8), head dims by 8, on a CPU where it built.
+
+    float32 only: a one-token span is also how a fully cached prompt recomputes its last token, which the
+    first run computed inside its prompt span (SDPA). In bf16 the kernel's rounding differs from SDPA's by
+    an ulp now and then, so a seeded bf16 request repeated on a warm prefix cache drew different tokens
+    (tests/frontend/test_seed_batch_invariance.py); in float32 the difference stays below what the parity
+    and batch-invariance tests can see."""
     return (
         q.device.type == "cpu"
+        and q.dtype == torch.float32
         and not opts.explicit
         and window.full
         and k_buf.dtype == q.dtype == v_buf.dtype
