@@ -1,4 +1,5 @@
-"""radixlm's own x86 CPU kernels for weight-only int8 / int4 (cpu_kernels.cpp), built on first use.
+"""radixlm's own x86 CPU kernels (cpu_kernels.cpp), built on first use: weight-only int8 / int4 linears,
+and the decode attention that reads the KV pool in place (attention_backends/torch_backend.py, float32).
 
 They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
 them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx512|avx512_bf16` (or
@@ -9,7 +10,8 @@ them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx
 - not an x86-64 CPU with AVX2 + FMA (torch's own CPU capability check says so), or torch built without
   OpenMP's at::parallel_for;
 - no C++ compiler, no ninja, or the build failed.
-Without them int8.py / int4.py use torch's kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+Without them int8.py / int4.py use torch's kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
+and the torch attention backend gathers each history for SDPA.
 
 The build (torch.utils.cpp_extension.load, one source file, ~40 s on 2 cores) happens once per machine and
 torch version: it is cached under torch's extensions folder ($TORCH_EXTENSIONS_DIR, default
@@ -74,7 +76,8 @@ def unsupported_cpu() -> str | None:
 
 
 def ops():
-    """torch.ops.radixlm_cpu with int8_linear / int4_linear, or None (the reason logged once)."""
+    """torch.ops.radixlm_cpu (int8_linear, int4_linear, decode_attention, isa_level), or None (the reason
+    logged once)."""
     if disabled_by_env():
         _log_once(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}: radixlm's CPU int8 / int4 kernels are off")
         return None
