@@ -1,5 +1,6 @@
-"""radixlm's own x86 CPU kernels (cpu_kernels.cpp), built on first use: weight-only int8 / int4 linears,
-and the decode attention that reads the KV pool in place (attention_backends/torch_backend.py, float32).
+"""radixlm's own x86 CPU kernels, built on first use: weight-only int8 / int4 linears and the decode
+attention that reads the KV pool in place (cpu_kernels.cpp; attention_backends/torch_backend.py), and
+RMSNorm and rotary in one call each (cpu_elementwise.cpp; norm.py, rotary.py).
 
 They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
 them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx512|avx512_bf16` (or
@@ -13,7 +14,7 @@ them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx
 Without them int8.py / int4.py use torch's kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
 and the torch attention backend gathers each history for SDPA.
 
-The build (torch.utils.cpp_extension.load, one source file, ~40 s on 2 cores) happens once per machine and
+The build (torch.utils.cpp_extension.load, two source files, ~50 s on 2 cores) happens once per machine and
 torch version: it is cached under torch's extensions folder ($TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), and a changed source rebuilds it. Concurrent first uses wait on torch's own
 lock in that folder.
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 ENV_SWITCH = "RADIXLM_CPU_KERNELS"
 ENV_ISA = "RADIXLM_CPU_KERNEL_ISA"
 ISA_NAMES = ("avx2", "avx512", "avx512_bf16")  # the C++ levels 0, 1, 2
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_elementwise.cpp")]
 # At or below this many activation rows the register kernels run; above it the weight is dequantized a
 # block of rows at a time into at::mm (float32 sgemm). Measured on the AVX2 EPYC, 1 thread, 24 linears of
 # the 0.5B shape, ms (kernel / dequantized sgemm / torch's kernel): int4 M=32 183 / 237 / 240,
@@ -101,8 +102,10 @@ def _load():
         t0 = time.perf_counter()
         load(
             name="radixlm_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"],
+            sources=[str(p) for p in SOURCES],
+            # fp-contract=off: no product and sum fused into one rounding where the C++ mirrors torch's
+            # separate ops (cpu_elementwise.cpp); the kernels' own FMAs are explicit intrinsics.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -134,6 +137,22 @@ DECODE_ATTENTION = True
 def decode_attention_ok() -> bool:
     """Whether the torch attention backend may use the in-place decode attention kernel here."""
     return DECODE_ATTENTION and ops() is not None
+
+
+# Set to False by tests and benchmarks that compare RMSNorm / rotary's torch forms with the C++ ones.
+ELEMENTWISE = True
+
+
+def elementwise_ok() -> bool:
+    """Whether norm.py / rotary.py may call cpu_elementwise.cpp's RMSNorm and rotary here. Asked ~75 times
+    a decode step, so the answer of ops() is kept from the first call (reading the environment each time
+    cost ~1 ms of a 40 ms step); RADIXLM_CPU_KERNELS set later does not reach these two."""
+    return ELEMENTWISE and _elementwise_built()
+
+
+@functools.lru_cache(maxsize=1)
+def _elementwise_built() -> bool:
+    return ops() is not None
 
 
 def dense_above(dtype: torch.dtype) -> int:
@@ -188,6 +207,18 @@ def _register_fake() -> None:
     @torch.library.register_fake("radixlm_cpu::decode_attention")
     def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):
         return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
+
+    @torch.library.register_fake("radixlm_cpu::rms_norm")
+    def _rms_norm(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("radixlm_cpu::add_rms_norm")
+    def _add_rms_norm(x, residual, weight, eps):
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2))
+
+    @torch.library.register_fake("radixlm_cpu::rotary_qk")
+    def _rotary_qk(q, k, cos, sin, head_dim, rotary_dim):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 # ---- the packings and their references (plain torch: independent of the C++) -------------------------

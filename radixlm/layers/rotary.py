@@ -24,6 +24,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from radixlm.layers import cpu_kernels
+
 # These rescale *all* positions by the current sequence length in HF; a KV cache that keeps earlier keys
 # cannot reproduce that, so the native path refuses them rather than silently differ.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -90,6 +92,27 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, rotary_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary on a layer's q and k, [T, H*D] each; on a CPU where the kernels built, one C++ call
+    (cpu_elementwise.cpp) that rounds every intermediate as the torch form does: bitwise the same, in ~8 us
+    against ~80 us for the 12 torch ops at decode sizes. The torch form while torch.compile traces (it fuses
+    the form itself) and for other layouts."""
+    if (
+        q.device.type == "cpu"
+        and q.dim() == 2
+        and k.dim() == 2
+        and q.stride(1) == 1
+        and k.stride(1) == 1
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and not torch.compiler.is_compiling()
+        and cpu_kernels.elementwise_ok()
+    ):
+        return cpu_kernels.ops().rotary_qk(q, k, cos, sin, head_dim, rotary_dim)
+    return apply_rotary(q, cos, sin, head_dim, rotary_dim), apply_rotary(k, cos, sin, head_dim, rotary_dim)
 
 
 def apply_rotary(

@@ -59,6 +59,11 @@ class ForwardBatch:
     image_blocks: dict[int, tuple[tuple[int, int], ...]] = field(default_factory=dict)
     # M-RoPE models (Qwen2-VL): [3, T] rotary positions (model/mrope.py), None when no span has images.
     mrope_positions: torch.Tensor | None = None
+    # One-token spans whose token is a prompt token (a cached prompt recomputing its last token, a chunk of
+    # one): attention computes them as prompt spans, so such a token attends exactly as it did when its
+    # prompt was computed whole. Decodes (one output token each) may take a faster kernel whose rounding
+    # differs from the prompt path's by an ulp in bf16 (torch_backend._in_place_ok).
+    prompt_singles: frozenset[int] = frozenset()
 
     @property
     def num_tokens(self) -> int:
@@ -116,11 +121,29 @@ class ForwardBatch:
             req_to_token_host=req_to_token_host,
             span_images=span_images,
             image_blocks=image_blocks,
+            prompt_singles=cls.prompt_singles_of(step),
         )
         rows = None if step.text_only else step_rows(spans)
         if rows is not None:
             fb.mrope_positions = rows.to(device)
         return fb
+
+    @staticmethod
+    def prompt_singles_of(step: StepInput) -> frozenset[int]:
+        """The one-token spans of a step that compute a prompt token, not an output token.
+
+        A sampling span computes an output token's successor unless it samples the request's first output
+        (num_output_tokens 0: its token is the prompt's last); a one-token span that does not sample is a
+        prompt chunk (or a retracted request's recompute), never a decode."""
+        if len(step.sampling) == len(step.spans) and all(x.num_output_tokens for x in step.sampling):
+            return frozenset()  # the common step: every span decodes (checked in ~30 ns a span)
+        singles = []
+        sampling = iter(step.sampling)
+        for i, s in enumerate(step.spans):
+            first_output = s.samples and next(sampling).num_output_tokens == 0
+            if len(s.token_ids) == 1 and (first_output or not s.samples):
+                singles.append(i)
+        return frozenset(singles)
 
     @classmethod
     def from_spans(
@@ -139,6 +162,7 @@ class ForwardBatch:
         req_to_token_host: torch.Tensor | None = None,
         span_images: list[tuple[int, int, int, list[dict[str, Any]]]] | None = None,
         image_blocks: dict[int, tuple[tuple[int, int], ...]] | None = None,
+        prompt_singles: frozenset[int] = frozenset(),
     ) -> ForwardBatch:
         """Pack spans into tensors with vectorized ops (no Python loop over tokens), built on the host and
         uploaded as one int64 buffer (pinned on CUDA) instead of one small copy per tensor."""
@@ -207,6 +231,7 @@ class ForwardBatch:
             attn_backend=attn_backend,
             span_images=span_images or [],
             image_blocks=image_blocks or {},
+            prompt_singles=prompt_singles,
         )
         attn_backend.init_forward_metadata(batch)
         return batch

@@ -45,21 +45,28 @@ def test_float32_seeded_tokens_do_not_depend_on_the_batch() -> None:
     assert with_traffic == alone
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def test_bfloat16_repeats_for_the_same_batch_and_diverges_only_through_the_logits() -> None:
-    greedy = [{**s, "temperature": 0.0} for s in SEEDED]
+    logprobs = {"return_logprob": True, "top_logprobs_num": 5}
     with _engine("bfloat16") as llm:
-        seeded_alone = [[llm.generate(p, s)["output_ids"] for p, s in zip(PROMPTS, SEEDED)] for _ in range(2)]
-        greedy_alone = [llm.generate(p, g)["output_ids"] for p, g in zip(PROMPTS, greedy)]
+        # The second round finds every prompt in the prefix cache and recomputes only its last token.
+        seeded_alone = [[llm.generate(p, s, **logprobs) for p, s in zip(PROMPTS, SEEDED)] for _ in range(2)]
         llm.flush_cache()
         seeded_together = []
         for _ in range(2):
-            seeded_together.append(_ids(llm.generate(PROMPTS, SEEDED)))
+            seeded_together.append(llm.generate(PROMPTS, SEEDED, **logprobs))
             llm.flush_cache()
-        greedy_together = _ids(llm.generate(PROMPTS, greedy))
-    # The same call repeats exactly, alone or batched.
-    assert seeded_alone[0] == seeded_alone[1]
-    assert seeded_together[0] == seeded_together[1]
-    # Greedy requests take no random draw: where seeded ones diverge between alone and batched, greedy
-    # ones must too, or the sampler (not the forward pass's rounding) would depend on the batch.
-    if seeded_together[0] != seeded_alone[0]:
-        assert greedy_together != greedy_alone
+    # The same call repeats exactly, alone or batched, on a cold or a warm prefix cache.
+    assert _ids(seeded_alone[0]) == _ids(seeded_alone[1])
+    assert _ids(seeded_together[0]) == _ids(seeded_together[1])
+    # Where a seeded request diverges between alone and batched, the logits must be why: at the first
+    # token that differs, the two runs' distributions differ too. Had they been equal, a sampler that
+    # depended on the batch would have drawn the other token.
+    for alone, together in zip(seeded_alone[0], seeded_together[0]):
+        k = _first_difference(alone["output_ids"], together["output_ids"])
+        if k is not None:
+            tops = [o["meta_info"]["output_top_logprobs"][k] for o in (alone, together)]
+            assert tops[0] != tops[1], f"token {k} differs with equal distributions: {tops[0]}"

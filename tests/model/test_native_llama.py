@@ -298,8 +298,14 @@ def test_length_dependent_rope_is_refused() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype) -> None:
+def test_rmsnorm_is_bitwise_hf(dtype: torch.dtype, monkeypatch) -> None:
+    """The torch form (what float32 always runs; bf16 where cpu_elementwise.cpp is off, see
+    tests/layers/test_cpu_elementwise.py for the fused form)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from radixlm.layers import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "ELEMENTWISE", False)
 
     hf = LlamaRMSNorm(64, eps=1e-5).to(dtype)
     ours = RMSNorm(64, eps=1e-5).to(dtype)

@@ -3,7 +3,7 @@
 Spans fall into three kinds, attended differently because their shapes differ so much that padding one to
 another wastes most of the work:
 
-- decodes (one query each) form one group. In float32 on a CPU where radixlm's kernels built
+- decodes (one output token each) form one group. On a CPU where radixlm's kernels built
   (layers/cpu_kernels.cpp), plain softmax layers read each history in place from the pool
   (`decode_attention`: no copy, no padding); otherwise every span's KV history is gathered and padded to
   the longest:
@@ -14,7 +14,8 @@ another wastes most of the work:
 
 - decodes that share a long cached prefix with other decodes form shared groups that read that prefix
   once (shared_prefix.py);
-- prompt spans are attended one at a time (a handful per step), each against its own history.
+- prompt spans are attended one at a time (a handful per step), each against its own history; a
+  one-token span over a prompt token is one of them, not a decode (ForwardBatch.prompt_singles).
 
 Everything is built once per step (`init_forward_metadata`); each layer only gathers its own K/V and runs
 one scaled-dot-product attention per group. No Python loop over tokens.
@@ -55,6 +56,9 @@ class _DecodeGroup:
     kv_idx: torch.Tensor  # [B, Lmax] KV slots (slot 0, the null page, past each seq_len)
     seq_lens: torch.Tensor  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    # cpu_kernels' decode attention is built and switched on: asked once a step, not once a layer (the
+    # switch reads the environment: ~15 us a layer, measured as 1 ms of a 45 ms int4 decode step)
+    kernel_ready: bool = False
 
     def mask(self, sliding_window: int | None, chunk: int | None = None) -> torch.Tensor:
         """[B, 1, 1, Lmax] bool, cached per (window, chunk) because layers share it."""
@@ -120,11 +124,13 @@ class TorchAttnBackend(AttentionBackend):
         fb = forward_batch
         ext_list = fb.extend_lens_list
         rows = fb.rows_list
-        pure_decode = len(ext_list) == fb.num_tokens  # one token per span: no prompt span to attend alone
+        singles = fb.prompt_singles  # one-token prompt spans: attended as prompts (ForwardBatch says why)
+        # one token per span, each a decode: no prompt span to attend alone
+        pure_decode = len(ext_list) == fb.num_tokens and not singles
         if pure_decode:
             decode_ids = list(range(len(ext_list)))
         else:
-            decode_ids = [i for i, n in enumerate(ext_list) if n == 1]
+            decode_ids = [i for i, n in enumerate(ext_list) if n == 1 and i not in singles]
         shared = None
         min_shared = self.min_shared_prefix
         if min_shared is not None and len(decode_ids) > 1:
@@ -141,6 +147,7 @@ class TorchAttnBackend(AttentionBackend):
         decode = None
         if decode_ids:
             decode = self._build_decode_group(fb, decode_ids)
+            decode.kernel_ready = fb.input_ids.device.type == "cpu" and cpu_kernels.decode_attention_ok()
         if pure_decode:
             fb.attn_metadata = TorchAttnMetadata(decode, [], shared)
             return
@@ -148,7 +155,7 @@ class TorchAttnBackend(AttentionBackend):
         start = 0
         prefix_list = fb.prefix_lens_list
         for i, n in enumerate(ext_list):
-            if n > 1:
+            if n > 1 or i in singles:
                 p = prefix_list[i]
                 blocks = fb.image_blocks.get(i, ())
                 extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n], blocks=blocks))
@@ -367,7 +374,7 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """The decode group -> [B, H, Dv], in span order."""
     q1 = q if g.token_idx is None else q.index_select(0, g.token_idx)  # [B, H, D]
-    if _in_place_ok(q1, k_buf, v_buf, opts, window):
+    if g.kernel_ready and _in_place_ok(q1, k_buf, v_buf, opts, window):
         # radixlm's CPU kernel reads each history's rows where they lie in the pool: no gathered copy.
         ops = cpu_kernels.ops()
         return ops.decode_attention(q1.contiguous(), k_buf, v_buf, g.kv_idx, g.seq_lens, opts.scaling)
@@ -377,23 +384,21 @@ def _attend_decodes(
 
 
 def _in_place_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window) -> bool:
-    """Whether cpu_kernels' decode attention takes this layer: float32, plain softmax attention (no softcap,
-    sinks, window or chunk), a float32 pool (not fp8), head dims by 8, on a CPU where it built.
+    """Whether cpu_kernels' decode attention takes this layer: plain softmax attention (no softcap, sinks,
+    window or chunk), a pool in the query's dtype (not fp8), head dims by 8 (and, asked once a step: on a CPU
+    where it built, switched on).
 
-    float32 only: a one-token span is also how a fully cached prompt recomputes its last token, which the
-    first run computed inside its prompt span (SDPA). In bf16 the kernel's rounding differs from SDPA's by
-    an ulp now and then, so a seeded bf16 request repeated on a warm prefix cache drew different tokens
-    (tests/frontend/test_seed_batch_invariance.py); in float32 the difference stays below what the parity
-    and batch-invariance tests can see."""
+    Only decodes reach it: a one-token span over a prompt token (a cached prompt recomputing its last
+    token) is attended as a prompt span (ForwardBatch.prompt_singles), because in bf16 the kernel's
+    rounding differs from SDPA's by an ulp now and then, and a seeded bf16 request repeated on a warm
+    prefix cache would otherwise draw different tokens (tests/frontend/test_seed_batch_invariance.py)."""
     return (
         q.device.type == "cpu"
-        and q.dtype == torch.float32
         and not opts.explicit
         and window.full
         and k_buf.dtype == q.dtype == v_buf.dtype
         and q.shape[-1] % 8 == 0
         and v_buf.shape[-1] % 8 == 0
-        and cpu_kernels.decode_attention_ok()
     )
 
 

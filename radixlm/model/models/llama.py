@@ -33,7 +33,7 @@ from radixlm.layers.linear import (
     default_weight_loader,
 )
 from radixlm.layers.norm import RMSNorm
-from radixlm.layers.rotary import apply_rotary, get_rope
+from radixlm.layers.rotary import get_rope, rotate_qk
 from radixlm.model.forward_batch import ForwardBatch
 
 
@@ -112,8 +112,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head, before RoPE
             q = self.q_norm(q.view(T, -1, self.head_dim))
             k = self.k_norm(k.view(T, -1, self.head_dim))
-        q = apply_rotary(q, cos, sin, self.head_dim, self.rotary_dim)
-        k = apply_rotary(k, cos, sin, self.head_dim, self.rotary_dim)
+        q, k = rotate_qk(q, k, cos, sin, self.head_dim, self.rotary_dim)
         return self.o_proj(self.attn(q, k, v, forward_batch))
 
 
