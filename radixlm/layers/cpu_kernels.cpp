@@ -721,15 +721,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
     return dense_rows(
         x, N, bias, [&](int64_t b, int64_t e, float* out) { int4_dequant_rows(w, s, K, groups, group, b, e, out); },
         [&](int64_t b, int64_t e, uint16_t* out) { int4_dequant_rows_bf16(w, s, K, groups, group, b, e, out); });
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
   std::vector<float> xsum(x.size(0) * groups, 0.f);  // per activation row and group: sum of x
-  for (int64_t r = 0; r < x.size(0) * groups; ++r)  // (no division per element: it cost ~50 us at K = 4864)
-    for (int64_t j = 0; j < group; ++j) xsum[r] += xp[r * group + j];
-  const float* xs = xsum.data();
   if (x.scalar_type() == at::kBFloat16 && current_isa() >= kAvx512Bf16 && int4_bf16_group_ok(group)) {
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t r = 0; r < x.size(0) * groups; ++r)  // read from the bf16 bits: no float32 copy of x
+      for (int64_t j = 0; j < group; ++j) xsum[r] += c10::detail::f32_from_bits(xb[r * group + j]);
     std::vector<uint16_t> xa(x.numel());
-    arrange_int4_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), K, xa.data());
+    arrange_int4_bf16(xb, x.size(0), K, xa.data());
     std::vector<float> xsum2(2 * xsum.size(), 0.f);
     for (size_t i = 0; i < xsum.size(); ++i) {  // dotted with sm's (scale, min): the codes' bias, then min
       xsum2[2 * i] = -kCodeBias * xsum[i];
@@ -742,6 +740,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       int4_bf16_rows<NR>(xap + m0 * K, xs2 + m0 * 2 * groups, mt, K, w + n * (K / 2), s + n * groups * 2, groups, group, acc, NR);
     });
   }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t r = 0; r < x.size(0) * groups; ++r)  // (no division per element: it cost ~50 us at K = 4864)
+    for (int64_t j = 0; j < group; ++j) xsum[r] += xp[r * group + j];
+  const float* xs = xsum.data();
   return run_rows(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto nr, float* acc) {
     constexpr int NR = decltype(nr)::value;
     int4_rows<NR>(xp + m0 * K, xs + m0 * groups, K, mt, w + n * (K / 2), K / 2, s + n * groups * 2, groups, group, acc, kRowBlock);

@@ -81,6 +81,8 @@ class Int4Weight(QuantizedWeight):
         self.scales_and_zeros = sz.transpose(0, 1).contiguous().to(dtype)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._ops is not None and x.dim() == 2 and x.is_contiguous():  # the usual [T, in]: no reshapes
+            return self._ops.int4_linear(x, self.packed, self.sm, self.group_size, bias, cpu_kernels.dense_above(x.dtype))
         x2, lead = self._flat(x)
         if self._ops is not None:
             y = self._ops.int4_linear(

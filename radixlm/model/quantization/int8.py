@@ -56,6 +56,8 @@ class Int8Weight(QuantizedWeight):
         self.scales = self._scales2d[:, 0] if groups == 1 else self._scales2d
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._ops is not None and x.dim() == 2 and x.is_contiguous():  # the usual [T, in]: no reshapes
+            return self._ops.int8_linear(x, self.qweight, self._scales2d, self.group_size, bias, cpu_kernels.dense_above(x.dtype))
         x2, lead = self._flat(x)
         if self._ops is not None:
             y = self._ops.int8_linear(
