@@ -19,16 +19,14 @@
 #include <cmath>
 #include <tuple>
 
+#include "cpu_simd.h"
+
 namespace {
 
 // ---- 8 floats from / to a tensor's dtype, rounding as torch does (nearest even) ----------------------
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+using radixlm_simd::hsum;
+using radixlm_simd::load8;
 
 // The bf16 bits of each lane, in the low half of a 32-bit lane: c10::BFloat16's rounding (NaN -> 0x7FC0).
 inline __m256i bf16_bits(__m256 v) {
@@ -63,13 +61,6 @@ inline __m256 round_to<at::Half>(__m256 v) {
 
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows per parallel chunk: below ~16K values a row block is not worth a thread switch.
 inline int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }

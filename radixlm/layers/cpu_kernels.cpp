@@ -38,6 +38,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -74,12 +76,8 @@ int64_t isa_level(int64_t request) {
   return current_isa();
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using radixlm_simd::hsum;
+using radixlm_simd::load8;
 
 template <typename T>
 inline void store(T* out, float v) {
@@ -785,13 +783,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 // history (the torch backend's index_select copied every history each layer), no padding, no mask. One
 // (request, KV head) per task; the G query heads of a KV head share each loaded K / V row. float32 math
 // (AVX2 + FMA), any input dtype of float32 / bf16 / fp16; head dims a multiple of 8.
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // exp for x <= 0 (softmax after the max is taken off), Cephes' polynomial: ~1 ulp of float32.
 inline __m256 exp8(__m256 x) {

@@ -1,6 +1,6 @@
 """radixlm's own x86 CPU kernels, built on first use: weight-only int8 / int4 linears and the decode
 attention that reads the KV pool in place (cpu_kernels.cpp; attention_backends/torch_backend.py), and
-RMSNorm and rotary in one call each (cpu_elementwise.cpp; norm.py, rotary.py).
+RMSNorm and rotary in one call each (cpu_elementwise.cpp; norm.py, rotary.py). Both include cpu_simd.h.
 
 They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
 them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx512|avx512_bf16` (or
