@@ -99,9 +99,10 @@ def _load():
     try:
         from torch.utils.cpp_extension import load
 
+        clear_stale_build_lock(EXTENSION_NAME)
         t0 = time.perf_counter()
         load(
-            name="radixlm_cpu_kernels",
+            name=EXTENSION_NAME,
             sources=[str(p) for p in SOURCES],
             # fp-contract=off: no product and sum fused into one rounding where the C++ mirrors torch's
             # separate ops (cpu_elementwise.cpp); the kernels' own FMAs are explicit intrinsics.
@@ -128,6 +129,27 @@ def _load():
         ISA_NAMES[_isa_now[0]],
     )
     return ops
+
+
+EXTENSION_NAME = "radixlm_cpu_kernels"
+# A build takes under a minute on 2 cores; a lock this old was left by a build that was killed.
+STALE_LOCK_S = 15 * 60
+
+
+def clear_stale_build_lock(name: str) -> None:
+    """A first build killed midway (Ctrl-C, a killed test run) leaves torch's lock file in the build folder,
+    and every later load() waits on it forever, silently (seen here: a test run hung at its first kernel
+    use). A lock older than STALE_LOCK_S is removed, with a warning."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):  # no lock (the usual case), or torch moved its private helper
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f min ago by a build that did not finish", lock, age / 60)
+        lock.unlink(missing_ok=True)
 
 
 # Set to False by tests that compare the torch backend's own decode path with the kernel.

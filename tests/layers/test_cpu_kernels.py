@@ -235,3 +235,23 @@ def test_torch_backend_decodes_match_with_and_without_the_kernel(monkeypatch) ->
     monkeypatch.setattr(cpu_kernels, "DECODE_ATTENTION", False)
     core.flush_cache()
     assert drive_core(core, prompts, params)["ids"] == with_kernel["ids"]
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch) -> None:
+    """A killed first build leaves torch's lock behind and every later load would wait on it forever."""
+    import os
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "radixlm_test_ext" / "lock"
+    assert _get_build_directory("radixlm_test_ext", verbose=False) == str(lock.parent)
+    lock.touch()
+    cpu_kernels.clear_stale_build_lock("radixlm_test_ext")
+    assert lock.exists()  # a build may be running
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_kernels.clear_stale_build_lock("radixlm_test_ext")
+    assert not lock.exists()
+    cpu_kernels.clear_stale_build_lock("radixlm_test_ext")  # no lock: nothing to do
