@@ -198,11 +198,18 @@ def test_engine_max_new_tokens_zero_and_input_token_logprobs() -> None:
             logprob_start_len=0,
         )
         ref, _ = hf_prompt_logprobs(prompt)
-        for r in res:
+        for i, r in enumerate(res):
             entries = r["meta_info"]["input_token_logprobs"]
             assert [e[1] for e in entries] == prompt
             assert entries[0][0] is None
-            assert max(abs(e[0] - v) for e, v in zip(entries[1:], ref)) < ATOL
+            diffs = [abs(e[0] - v) for e, v in zip(entries[1:], ref)]
+            # Seen once in CI (2026-12-02, not reproduced on this CPU in 80 runs): 5.1e-4 against a float32
+            # noise of ~4e-6 here; the message says which request, which positions, and what it reused.
+            assert max(diffs) < ATOL, (
+                f"request {i}: |ours - transformers| per prompt position {diffs}, "
+                f"cached_tokens {r['meta_info'].get('cached_tokens')}, ours {[e[0] for e in entries[1:]]}, "
+                f"transformers {ref}"
+            )
             tops = r["meta_info"]["input_top_logprobs"]
             assert tops[0] is None and all(len(row) == 2 for row in tops[1:])
             assert len(r["meta_info"]["output_token_logprobs"]) == 2
