@@ -250,7 +250,9 @@ def _vllm_row(model_path: str, dtype: str, prompt: list[int], ns: argparse.Names
     result = run_job(model_path, dtype, ns.seed, opts, [(prompt, 8)], runs, log=print)
     seconds = {run["name"]: run["seconds"] for run in result["runs"]}
     rates = [
-        two_point_rate({1: seconds[f"one-{r}"], 1 + ns.decode_tokens: seconds[f"full-{r}"]}.__getitem__, ns.decode_tokens)
+        two_point_rate(
+            {1: seconds[f"one-{r}"], 1 + ns.decode_tokens: seconds[f"full-{r}"]}.__getitem__, ns.decode_tokens
+        )
         for r in range(ns.rounds)
     ]
     return DecodeRow(system_name(result), best_rate(rates), rates)
