@@ -24,6 +24,7 @@ from typing import Any
 from radixlm.config import EngineConfig, RuntimeConfig
 from radixlm.core.grammar import BitmaskBuffer, GrammarCompiler
 from radixlm.core.images import check_images, image_key_ids
+from radixlm.core.malloc_tuning import keep_freed_memory, runs_on_cpu
 from radixlm.core.request import Request, RequestStatus
 from radixlm.core.schedule_policy import make_policy
 from radixlm.core.scheduler import Scheduler, Span
@@ -48,6 +49,8 @@ _GRAMMAR_POLL_S = 0.02
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if runs_on_cpu(config.device):
+            keep_freed_memory()  # before the weights load: malloc_tuning says why
         self.runner = ModelRunner(config)
         self.runtime = RuntimeConfig.resolve(config, self.runner.facts())
         rt = self.runtime
@@ -120,7 +123,9 @@ class EngineCore:
     def _enqueue(self, msg: AddRequest, params: SamplingParams, compiled: Any) -> None:
         leader = None
         # Image positions are keyed by the image's hash (core/images.py); the model still sees its own ids.
-        key_ids = image_key_ids(msg.input_ids, msg.images, self.runner.vocab_size) if msg.images else msg.input_ids
+        key_ids = (
+            image_key_ids(msg.input_ids, msg.images, self.runner.vocab_size) if msg.images else msg.input_ids
+        )
         # Whether an image's tokens attend both ways is the model's (Gemma 3's), not the sender's to say.
         both_ways = bool(getattr(self.runner.model, "bidirectional_images", False))
         images = [{**im, "bidirectional": both_ways} for im in msg.images]
@@ -177,11 +182,17 @@ class EngineCore:
         if msg.images and hasattr(model, "check_image_grids"):  # M-RoPE positions need each image's grid
             model.check_image_grids(msg.images)
         if msg.images and msg.return_logprob and k >= 0:
-            raise ValueError("AddRequest.logprob_start_len: prompt logprobs of a prompt with images are not supported")
+            raise ValueError(
+                "AddRequest.logprob_start_len: prompt logprobs of a prompt with images are not supported"
+            )
         if msg.pooling is not (self.task != "generate"):
             raise ValueError(
                 f"this engine runs a {self.task} model ({self.runner.head.head}): "
-                + ("use encode, not generate" if self.task != "generate" else "it cannot encode (no pooling head)")
+                + (
+                    "use encode, not generate"
+                    if self.task != "generate"
+                    else "it cannot encode (no pooling head)"
+                )
             )
         if msg.pooling and (len(msg.rids) != 1 or msg.return_logprob):
             raise ValueError("an encode request has one rid (n == 1) and no logprobs")

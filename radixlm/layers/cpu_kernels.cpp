@@ -801,28 +801,82 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
 }
 
+// The lane sums of 8 vectors, as 8 lanes: lane i is hsum(v[i]) bit for bit (the same pairings: halves
+// folded, then lanes 0 + 2 and 1 + 3, then those two), in 10 shuffles and adds instead of 8 dependent
+// hsum chains.
+inline __m256 hsum8(const __m256 (&v)[8]) {
+  __m256 w[4];  // w[i] = [fold(v[i]) | fold(v[i + 4])], fold(x) = low half + high half
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20), _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+  // [f0 + f2, f1 + f3] of v[i], v[i + 1] per 128-bit half
+  const __m256 a = _mm256_add_ps(_mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 b = _mm256_add_ps(_mm256_shuffle_ps(w[2], w[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(w[2], w[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm256_hadd_ps(a, b);  // [v0 v1 v2 v3 | v4 v5 v6 v7]
+}
+
+// scores[g * L + l] = qf[g] . K row l, for the G query heads of one KV head. Eight positions at a time:
+// eight independent FMA chains, one transposed sum (hsum8) for the eight scores; same sums as one
+// hsum per score, which is what a last partial block of positions uses.
+template <typename T>
+void attention_scores(const float* qf, const T* kb, const int64_t* idx, int64_t L, int64_t G, int64_t D,
+                      int64_t row_stride, int64_t h, float* scores) {
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) {
+    const T* kr[8];
+    for (int j = 0; j < 8; ++j) kr[j] = kb + idx[l + j] * row_stride + h * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      __m256 s[8];
+      for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 q8 = _mm256_loadu_ps(qg + d);
+        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(q8, load8(kr[j] + d), s[j]);
+      }
+      _mm256_storeu_ps(scores + g * L + l, hsum8(s));
+    }
+  }
+  for (; l < L; ++l) {
+    const T* kr = kb + idx[l] * row_stride + h * D;
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + d), load8(kr + d), s);
+      scores[g * L + l] = hsum(s);
+    }
+  }
+}
+
+// acc[g * Dv + d] = sum over l (in order) of p[g * L + l] * V[l][d] for GB query heads g0 .. g0 + GB - 1,
+// 8 columns at a time with the GB accumulators in registers (the old loop loaded and stored acc per
+// position). The same FMA per element in the same order as that loop.
+template <int GB, typename T>
+void attention_values(const float* p, const T* vb, const int64_t* idx, int64_t L, int64_t Dv, int64_t row_stride,
+                      int64_t h, int64_t g0, float* acc) {
+  for (int64_t d = 0; d < Dv; d += 8) {
+    __m256 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < L; ++l) {
+      const __m256 v8 = load8(vb + idx[l] * row_stride + h * Dv + d);
+      for (int g = 0; g < GB; ++g) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[(g0 + g) * L + l]), v8, a[g]);
+    }
+    for (int g = 0; g < GB; ++g) _mm256_storeu_ps(acc + (g0 + g) * Dv + d, a[g]);
+  }
+}
+
 template <typename T>
 void decode_attention_kernel(const T* q, const T* kb, const T* vb, const int64_t* kv_idx, const int64_t* seq_lens,
                              T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t Lmax, float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), scores, acc(G * Dv);
+    std::vector<float> qf(G * D), scores, acc(G * Dv), denom(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv, L = seq_lens[b];
       const int64_t* idx = kv_idx + b * Lmax;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(b * H + h * G + g) * D + d]) * scale;
-      scores.resize(G * L);
-      for (int64_t l = 0; l < L; ++l) {
-        const T* kr = kb + (idx[l] * Hkv + h) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          __m256 s = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[g * D + d]), load8(kr + d), s);
-          scores[g * L + l] = hsum(s);
-        }
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> denom(G);
+      if (static_cast<int64_t>(scores.size()) < G * L) scores.resize(G * L);
+      attention_scores(qf.data(), kb, idx, L, G, D, Hkv * D, h, scores.data());
       for (int64_t g = 0; g < G; ++g) {
         float* sg = &scores[g * L];
         const float mx = *std::max_element(sg, sg + L);
@@ -837,13 +891,12 @@ void decode_attention_kernel(const T* q, const T* kb, const T* vb, const int64_t
         for (; l < L; ++l) sum += (sg[l] = std::exp(sg[l] - mx));
         denom[g] = 1.f / sum;
       }
-      for (int64_t l = 0; l < L; ++l) {
-        const T* vr = vb + (idx[l] * Hkv + h) * Dv;
-        for (int64_t d = 0; d < Dv; d += 8) {
-          const __m256 v8 = load8(vr + d);
-          for (int64_t g = 0; g < G; ++g)
-            _mm256_storeu_ps(&acc[g * Dv + d],
-                             _mm256_fmadd_ps(_mm256_set1_ps(scores[g * L + l]), v8, _mm256_loadu_ps(&acc[g * Dv + d])));
+      for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to 4 heads x 1 column block: 4 accumulators + V + p
+        switch (std::min<int64_t>(4, G - g0)) {
+          case 4: attention_values<4>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
+          case 3: attention_values<3>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
+          case 2: attention_values<2>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
+          default: attention_values<1>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
         }
       }
       for (int64_t g = 0; g < G; ++g)
