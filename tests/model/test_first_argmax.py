@@ -27,6 +27,18 @@ def test_first_argmax_is_argmax(vocab: int, dtype: torch.dtype) -> None:
         assert torch.equal(first_argmax(t), t.argmax(-1))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_first_argmax_of_few_rows_over_a_large_vocab_is_argmax(rows: int) -> None:
+    """One decode row over a Qwen-sized vocabulary takes the block path too (over 64K values)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 151936, generator=g)
+    x[0, 151935] = x[0].max() + 1  # in the short last block
+    if rows > 1:
+        x[1, 7] = x[1, 90000] = x[1].max() + 1  # a tie: the first wins
+    for t in (x, x.bfloat16()):
+        assert torch.equal(first_argmax(t), t.argmax(-1))
+
+
 def test_sampler_argmax_matches_the_greedy_sampler() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4096, generator=g)
