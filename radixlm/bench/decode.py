@@ -169,8 +169,12 @@ def _load_hf(model_path: str, dtype: str) -> Any:
 def two_point_rate(timed: Callable[[int], float], decode_tokens: int) -> float:
     """decode_tokens / (time for 1 + decode_tokens new tokens - time for 1 new token)."""
     one = timed(1)
-    full = timed(1 + decode_tokens)
-    return decode_tokens / (full - one) if full > one else float("nan")
+    return rate_between(one, timed(1 + decode_tokens), decode_tokens)
+
+
+def rate_between(one_s: float, full_s: float, decode_tokens: int) -> float:
+    """decode_tokens / (full_s - one_s); nan when the longer run timed no slower (noise swamped it)."""
+    return decode_tokens / (full_s - one_s) if full_s > one_s else float("nan")
 
 
 def best_rate(rates: list[float]) -> float:
@@ -250,10 +254,7 @@ def _vllm_row(model_path: str, dtype: str, prompt: list[int], ns: argparse.Names
     result = run_job(model_path, dtype, ns.seed, opts, [(prompt, 8)], runs, log=print)
     seconds = {run["name"]: run["seconds"] for run in result["runs"]}
     rates = [
-        two_point_rate(
-            {1: seconds[f"one-{r}"], 1 + ns.decode_tokens: seconds[f"full-{r}"]}.__getitem__, ns.decode_tokens
-        )
-        for r in range(ns.rounds)
+        rate_between(seconds[f"one-{r}"], seconds[f"full-{r}"], ns.decode_tokens) for r in range(ns.rounds)
     ]
     return DecodeRow(system_name(result), best_rate(rates), rates)
 
@@ -297,7 +298,7 @@ def _llama_cpp_row(model_path: str, prompt: list[int], threads: int, ns: argpars
             raise RuntimeError(
                 f"llama.cpp generated {r['generated']} tokens, asked for {1 + ns.decode_tokens}"
             )
-        rates.append(ns.decode_tokens / (r["full"] - r["one"]) if r["full"] > r["one"] else float("nan"))
+        rates.append(rate_between(r["one"], r["full"], ns.decode_tokens))
     return DecodeRow(f"llama.cpp {out['version']}", best_rate(rates), rates, float_weights=False)
 
 

@@ -13,6 +13,7 @@ other library. The process then keeps up to TRIM_BYTES of freed memory for reuse
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -28,16 +29,12 @@ MMAP_BYTES = 256 << 20
 # Free memory at the heap's top kept for reuse before glibc gives it back.
 TRIM_BYTES = 512 << 20
 
-_done: list[bool] = []
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds once per process; True if they were set. A no-op (False)
     off Linux / glibc or with RADIXLM_MALLOPT=0."""
-    if _done:
-        return _done[0]
-    _done.append(_apply())
-    return _done[0]
+    return _apply()
 
 
 def runs_on_cpu(device: str) -> bool:

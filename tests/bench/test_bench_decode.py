@@ -7,7 +7,7 @@ import json
 import torch
 
 from radixlm.bench.cli import main
-from radixlm.bench.decode import best_rate, two_point_rate, weight_bytes_per_token
+from radixlm.bench.decode import best_rate, rate_between, two_point_rate, weight_bytes_per_token
 from radixlm.testing import cached_model_folder
 
 
@@ -39,6 +39,8 @@ def test_best_rate_skips_a_round_that_measured_nothing() -> None:
     nan = float("nan")
     assert best_rate([nan, 3.0, 2.0]) == 3.0
     assert best_rate([nan]) != best_rate([nan])  # nan only when no round measured
+    assert rate_between(2.0, 2.0, 4) != rate_between(2.0, 2.0, 4)  # a long run no slower: nan, not inf
+    assert rate_between(1.0, 3.0, 4) == 2.0
 
 
 def test_bench_decode_runs_every_row(tmp_path) -> None:
