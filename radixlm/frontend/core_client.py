@@ -105,15 +105,26 @@ class CoreClientBase:
 
 
 class InlineCoreClient(CoreClientBase):
+    """The core on a thread of this process. The thread also builds it (loads the weights, measures the
+    kernels): libgomp keeps one thread pool per thread that has run a parallel region, and once there are
+    more pool threads than cores it spins only briefly before sleeping, so every parallel region of a step
+    then pays a futex wake-up (2-core Zen 4, bf16 decode attention at 33 tokens: 9-10 us a call from a
+    thread that alone runs torch, 82-100 us once the main thread had a pool too; 0.5B batch-1 decode
+    ~19-20 tok/s inline against ~22-23 in the core process). A caller whose own thread has run torch's
+    parallel ops still has its pool: the core process avoids that too."""
+
     def __init__(self, config: EngineConfig, on_message: Callable[[Any], None]) -> None:
         super().__init__(on_message)
-        from radixlm.core.engine_core import EngineCore
-
-        self.core = EngineCore(config)
-        self.model_info = self.core.model_info().as_dict()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="radixlm-core", daemon=True)
+        self._built: queue.SimpleQueue = queue.SimpleQueue()  # the core, or the exception that stopped it
+        self._thread = threading.Thread(target=self._run, args=(config,), name="radixlm-core", daemon=True)
         self._thread.start()
+        built = self._built.get()
+        if isinstance(built, BaseException):
+            self._thread.join()
+            raise built
+        self.core = built
+        self.model_info = self.core.model_info().as_dict()
 
     def send(self, msg: Any) -> None:
         if self.dead_reason is not None:
@@ -131,16 +142,23 @@ class InlineCoreClient(CoreClientBase):
             except queue.Empty:
                 return msgs
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig) -> None:
         from radixlm.core.core_loop import run_core_loop
+        from radixlm.core.engine_core import EngineCore
 
         try:
-            run_core_loop(self.core, self._receive, self._dispatch)
+            core = EngineCore(config)
+        except BaseException as exc:  # raised again by __init__, in the caller's thread
+            self._built.put(exc)
+            return
+        self._built.put(core)
+        try:
+            run_core_loop(core, self._receive, self._dispatch)
         except Exception as exc:  # a bug in the core: fail every waiter loudly rather than hang them
             logger.error("engine core crashed:\n%s", traceback.format_exc())
             self._dispatch(CoreFailed(FAILED_RUNTIME, f"{type(exc).__name__}: {exc}"))
         finally:
-            self.core.close()  # the other tensor-parallel ranks, if any
+            core.close()  # the other tensor-parallel ranks, if any
 
     def shutdown(self) -> None:
         if self.dead_reason is None and self._thread.is_alive():

@@ -1,5 +1,6 @@
-"""radixlm's own x86 CPU kernels, built on first use: weight-only int8 / int4 linears and the decode
-attention that reads the KV pool in place (cpu_kernels.cpp; attention_backends/torch_backend.py), and
+"""radixlm's own x86 CPU kernels, built on first use: weight-only int8 / int4 linears, a streaming bf16
+linear for decode (packed_linear.py), the decode attention that reads the KV pool in place
+(cpu_kernels.cpp; attention_backends/torch_backend.py), and
 RMSNorm and rotary in one call each (cpu_elementwise.cpp; norm.py, rotary.py). Both include cpu_simd.h.
 
 They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
@@ -77,7 +78,8 @@ def unsupported_cpu() -> str | None:
 
 
 def ops():
-    """torch.ops.radixlm_cpu (int8_linear, int4_linear, decode_attention, isa_level), or None (the reason
+    """torch.ops.radixlm_cpu (int8_linear, int4_linear, bf16_linear, decode_attention, isa_level, the
+    elementwise ops), or None (the reason
     logged once)."""
     if disabled_by_env():
         _log_once(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]}: radixlm's CPU int8 / int4 kernels are off")
@@ -225,6 +227,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("radixlm_cpu::int8_linear")
     def _int8(x, q, scales, group, bias, dense_above):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("radixlm_cpu::bf16_linear")
+    def _bf16(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("radixlm_cpu::decode_attention")
     def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):

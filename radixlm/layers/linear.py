@@ -106,7 +106,8 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         # Set by layers.packed_linear.prepack_linears when a prepacked CPU kernel is faster for this shape
-        # (the dense weight is then dropped); None: plain F.linear.
+        # (the dense weight is then dropped unless the bf16 decode kernel reads it) or the decode kernel
+        # runs it; None: plain F.linear.
         self.packed: PackedWeight | None = None
         # Set by model.quantization after load: the packed integer weight, called like F.linear (the float
         # weight is then dropped). Duck-typed here: layers import nothing of model/.
@@ -129,7 +130,7 @@ class LinearBase(nn.Module):
         param.data.narrow(0, dst_start, n).copy_(loaded.narrow(0, src_start, n))
 
     def extra_repr(self) -> str:
-        packed = ", packed" if self.packed is not None else ""
+        packed = f", {self.packed.kernels()}" if self.packed is not None else ""
         packed += f", quantized {type(self.quant).__name__}" if self.quant is not None else ""
         return (
             f"in={self.in_per_rank}, out={self.out_per_rank}, bias={self.bias is not None}, "

@@ -12,6 +12,14 @@ the low bits of every logit, so `auto` keeps its decisions in a small JSON file 
 version, thread count, dtype and shape: the first start measures, later starts on the same machine reuse
 the decision and produce the same numbers. A packed kernel must win by a clear margin to be chosen.
 
+At one to three tokens a bf16 linear on a CPU with AVX512_BF16 runs radixlm's own streaming kernel
+(`radixlm_cpu::bf16_linear`, layers/cpu_kernels.cpp) on the plain row-major weight instead: there a linear
+is the bytes it reads, and oneDNN read 23-25 GB/s of the ~33 the 2-core Zen 4 streams against 30 for the
+kernel (the 0.5B model's 97 weights in order: 40.3-42.7 ms packed, 32.8 ms the kernel; at two tokens 1.3x).
+From four tokens oneDNN's packed kernel is as fast or faster (1.3-1.5x F.linear at 4-64 tokens), so a
+packed shape keeps both layouts when the plain copies fit `PLAIN_COPY_BUDGET` of the free memory; a tied
+LM head and a shape left dense have their plain weight anyway.
+
 `dense` (plain `F.linear`, the kernel transformers uses) and `packed` force one kernel everywhere.
 """
 
@@ -42,6 +50,12 @@ PACK_BATCH_HINT = 32
 # Packed is chosen only when it takes at most this fraction of the dense time, summed over TIMED_TOKENS.
 REQUIRED_SPEEDUP = 0.9
 _TIMING_REPEATS = 5
+# Up to this many activation rows a bf16 linear takes the streaming kernel (see the module docstring);
+# measured on the 2-core Zen 4 against the packed kernel: 1.2-1.3x at 1 and 2 rows, even at 3, 0.9x at 4.
+DECODE_ROWS = 3
+# The plain copies a packed shape keeps for the decode kernel may take this fraction of MemAvailable,
+# else none is kept (the KV pool, sized later, needs the rest).
+PLAIN_COPY_BUDGET = 0.25
 
 
 def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -61,19 +75,66 @@ def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"no packed linear for {dtype}"
 
 
-class PackedWeight:
-    """A [out, in] weight reordered once into oneDNN's layout; called like F.linear(x, weight, bias)."""
+def decode_kernel_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the bf16 streaming kernel cannot run here, or None when it can."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return f"the decode kernel is for bfloat16 on a CPU (here {dtype} on {device.type})"
+    from radixlm.layers import cpu_kernels
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    if cpu_kernels.ops() is None:
+        return "radixlm's CPU kernels are not available (see the log)"
+    if cpu_kernels.isa() != "avx512_bf16":
+        return f"the CPU kernels run at {cpu_kernels.isa()}, the decode kernel needs avx512_bf16"
+    return None
+
+
+class PackedWeight:
+    """A [out, in] weight in the layouts the CPU kernels read, called like F.linear(x, weight, bias):
+    oneDNN's prepacked layout (`packed`, unless pack=False), the plain weight for the bf16 decode kernel
+    at up to DECODE_ROWS rows (`plain`, when given), F.linear on `plain` when not packed."""
+
+    def __init__(self, weight: torch.Tensor, *, pack: bool = True, plain: torch.Tensor | None = None) -> None:
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+        self.packed = (
+            torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+            if pack
+            else None
+        )
+        if plain is None and not pack:
+            raise ValueError("a PackedWeight needs a packed or a plain weight")
+        if plain is not None and not plain.is_contiguous():
+            raise ValueError("the decode kernel reads a contiguous [out, in] weight")
+        self.plain = plain
+        self._decode = None
+        if plain is not None and plain.dtype == torch.bfloat16:
+            from radixlm.layers import cpu_kernels
+
+            loaded = cpu_kernels.ops()
+            self._decode = None if loaded is None else loaded.bf16_linear
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed copy (the plain one, when kept, is the module's own weight)."""
+        if self.packed is None:
+            return 0
+        return self.out_features * self.in_features * self.packed.element_size()
+
+    def kernels(self) -> str:
+        parts = (["decode kernel"] if self._decode is not None else []) + (
+            ["packed"] if self.packed is not None else ["dense"]
+        )
+        return " + ".join(parts)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op on a prepacked weight itself
+        if self._decode is not None and x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16:
+            y = self._decode(x2, self.plain, bias)
+        elif self.packed is None:
+            y = F.linear(x2, self.plain, bias)
+        elif torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op on a prepacked weight itself
             y = packed_linear(x2, self.packed, bias, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
@@ -81,7 +142,9 @@ class PackedWeight:
 
 
 @torch.library.custom_op("radixlm::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
     """oneDNN's linear on a prepacked weight, opaque to torch.compile (model/compiled_forward.py)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -195,10 +258,20 @@ class PackReport:
     packed_modules: int = 0
     dense_modules: int = 0
     choices: dict[str, ShapeChoice] | None = None
+    decode_modules: int = 0  # linears that run the bf16 decode kernel at up to DECODE_ROWS rows
+    decode_note: str = ""  # why the decode kernel is off, or what its plain copies cost
 
     def summary(self) -> str:
+        decode = (
+            f"; bf16 decode kernel at <= {DECODE_ROWS} rows on {self.decode_modules} linears"
+            + (f" ({self.decode_note})" if self.decode_note else "")
+            if self.decode_modules
+            else f"; no decode kernel ({self.decode_note})"
+            if self.decode_note
+            else ""
+        )
         if self.reason:
-            return f"linear kernel {self.kernel}: dense F.linear everywhere ({self.reason})"
+            return f"linear kernel {self.kernel}: dense F.linear everywhere ({self.reason}){decode}"
         shapes = ", ".join(
             f"{k.rsplit('| ', 1)[-1]}: {'packed' if c.packed else 'dense'} ({c.source}"
             + (f", dense {sum(c.dense_ms):.3f} ms vs packed {sum(c.packed_ms):.3f} ms" if c.dense_ms else "")
@@ -207,7 +280,7 @@ class PackReport:
         )
         return (
             f"linear kernel {self.kernel}: {self.packed_modules} linears packed, {self.dense_modules} dense; "
-            f"{shapes}"
+            f"{shapes}{decode}"
         )
 
 
@@ -235,15 +308,16 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _install(mod: nn.Module, packed: PackedWeight, shared: bool) -> None:
-    """Route the module's matmul through `packed`; drop the dense copy unless another module reads it."""
+def _install(mod: nn.Module, weight: PackedWeight, keep_weight: bool) -> None:
+    """Route the module's matmul through `weight`; drop the dense copy unless kept (another module reads
+    it, or it is the decode kernel's plain weight)."""
     from radixlm.layers.embedding import VocabParallelEmbedding
 
-    mod.packed = packed
+    mod.packed = weight
     if type(mod) is nn.Linear:
-        mod.forward = partial(_packed_forward, packed, mod)
+        mod.forward = partial(_packed_forward, weight, mod)
     # An embedding still looks rows up in its dense weight; a tied head's weight is the embedding's.
-    if not shared and not isinstance(mod, VocabParallelEmbedding):
+    if not keep_weight and not isinstance(mod, VocabParallelEmbedding):
         mod.weight = None
 
 
@@ -253,8 +327,11 @@ def prepack_linears(
     device: torch.device,
     dtype: torch.dtype,
     decision_file: Path | None = None,
+    free_bytes: int | None = None,
 ) -> PackReport:
-    """Pack the model's linear weights where the kernel choice says so. Call after the weights loaded."""
+    """Pack the model's linear weights where the kernel choice says so, and give bf16 linears the decode
+    kernel where it runs (`free_bytes`: memory free now, which bounds the plain copies packed shapes keep;
+    None keeps none). Call after the weights loaded."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {kernel!r}")
     if kernel == "dense":
@@ -270,20 +347,50 @@ def prepack_linears(
         owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
     cache = DecisionCache(decision_file if kernel == "auto" else None)
     report = PackReport(kernel, "", choices={})
-    with torch.inference_mode():
-        for _, mod in _candidates(model):
-            w = mod.weight
-            bias = getattr(mod, "bias", None)
-            key = DecisionCache.key(w, bias is not None)
-            choice = report.choices.get(key) or _choose(kernel, cache, key, w, bias)
-            report.choices[key] = choice
-            if not choice.packed:
-                report.dense_modules += 1
-                continue
-            _install(mod, PackedWeight(w), shared=owners.get(w.data_ptr(), 0) > 1)
-            report.packed_modules += 1
+    plan = []  # (module, packed?, shared?)
+    for _, mod in _candidates(model):
+        w = mod.weight
+        bias = getattr(mod, "bias", None)
+        key = DecisionCache.key(w, bias is not None)
+        choice = report.choices.get(key) or _choose(kernel, cache, key, w, bias)
+        report.choices[key] = choice
+        plan.append((mod, choice.packed, owners.get(w.data_ptr(), 0) > 1))
     cache.save()
+    decode_why = decode_kernel_unsupported(device, dtype) if kernel == "auto" else f"linear_kernel {kernel}"
+    copies_fit, report.decode_note = (
+        _plain_copy_budget(plan, free_bytes) if decode_why is None else (False, decode_why)
+    )
+    with torch.inference_mode():
+        for mod, packed, shared in plan:
+            w = mod.weight
+            decode = decode_why is None and w.is_contiguous() and (shared or not packed or copies_fit)
+            plain = w.detach() if decode else None
+            report.decode_modules += decode
+            if packed:
+                _install(mod, PackedWeight(w, plain=plain), keep_weight=shared or decode)
+                report.packed_modules += 1
+            else:
+                if decode:
+                    _install(mod, PackedWeight(w, pack=False, plain=plain), keep_weight=True)
+                report.dense_modules += 1
     return report
+
+
+def _plain_copy_budget(plan: list[tuple[nn.Module, bool, bool]], free_bytes: int | None) -> tuple[bool, str]:
+    """Whether the packed shapes may keep their plain weights for the decode kernel, and what it costs."""
+    extra = sum(
+        m.weight.numel() * m.weight.element_size() for m, packed, shared in plan if packed and not shared
+    )
+    if extra == 0:
+        return True, ""
+    mib = extra / 2**20
+    if free_bytes is None or extra > PLAIN_COPY_BUDGET * free_bytes:
+        free = "unknown" if free_bytes is None else f"{free_bytes / 2**20:.0f} MiB"
+        return False, (
+            f"packed shapes keep no plain copy: {mib:.0f} MiB would exceed {PLAIN_COPY_BUDGET:.0%} of the free "
+            f"memory ({free}); they run oneDNN at every row count"
+        )
+    return True, f"plain copies of the packed shapes: {mib:.0f} MiB"
 
 
 def _choose(

@@ -33,8 +33,8 @@ def param_bytes(model: torch.nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for mod in model.modules():
         packed = getattr(mod, "packed", None)
-        if packed is not None and getattr(mod, "weight", None) is None:  # the dense copy was dropped
-            total += packed.out_features * packed.in_features * packed.packed.element_size()
+        if packed is not None:  # oneDNN's copy, beside the dense weight or in place of it
+            total += packed.packed_bytes
     return total + quantization.quantized_bytes(model)
 
 
@@ -184,7 +184,12 @@ class ModelRunner:
         self.quant_report = quantization.quantize_model(model, self.quantization, self.dtype, reader)
         model.to(dtype=self.dtype)
         self.linear_kernels = prepack_linears(
-            model, self.config.linear_kernel, self.device, self.dtype, default_decision_file()
+            model,
+            self.config.linear_kernel,
+            self.device,
+            self.dtype,
+            default_decision_file(),
+            free_bytes=loader.default_mem_bytes(self.device),
         )
         logger.info("%s", self.linear_kernels.summary())
         measure = getattr(model, "measure_attention", None)
