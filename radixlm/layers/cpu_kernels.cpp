@@ -41,6 +41,7 @@
 #include "cpu_simd.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
@@ -825,6 +826,244 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   });
 }
 
+// ---- prompt-span attention, bf16, reading the KV pool in place (AVX512_BF16) ---------------------------
+//
+// out[i, h] = softmax(scale * q[i, h] . K[slot(l)]) V[slot(l)] over l <= prefix + i, for one prompt span of
+// n queries whose prefix + n keys sit at kv_idx in the pool: flash attention (an online softmax over blocks
+// of kKeyBlock keys), no gathered copy, no mask tensor. torch's CPU flash attention ran 70-100 GFLOP/s in
+// bf16 on the 2-core Zen 4 (14 heads, 2 KV heads, 64-dim heads, 64-1024 queries over up to 1088 keys);
+// here both products are vdpbf16ps (bf16 x bf16, float32 sums): q . k against a block of keys laid out
+// key-pairs-in-lanes (kt below, packed once per block per task), p . V with the probabilities rounded to bf16
+// (as torch's kernel rounds them for its second matmul) against key pairs of V. The softmax, its running
+// max and sum and the accumulators stay float32. One task: one KV head and kQueryBlock query positions (all
+// G query heads of that KV head, so each packed block serves 16 G rows); a query's result depends only on
+// its own span, never on the batch.
+#ifndef RADIXLM_SPAN_KEY_BLOCK
+#define RADIXLM_SPAN_KEY_BLOCK 64
+#endif
+constexpr int64_t kKeyBlock = RADIXLM_SPAN_KEY_BLOCK;  // a multiple of 32
+constexpr int64_t kQueryBlock = 16;
+
+RADIXLM_AVX512 RADIXLM_INLINE __m512 exp16(__m512 x) {  // exp8's polynomial, 16 lanes (x <= 0)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+}
+
+struct SpanTask {
+  const uint16_t* q;   // [n, H, D]
+  const uint16_t* kb;  // pool [slots, Hkv, D]
+  const uint16_t* vb;  // pool [slots, Hkv, Dv]
+  const int64_t* idx;  // [prefix + n]
+  uint16_t* out;       // [n, H, Dv]
+  int64_t n, prefix, H, Hkv, D, Dv;
+  float scale;
+};
+
+// Keys [k0, k0 + kKeyBlock) of KV head h: kt[j][key] = the 32-bit pair (K[key][2j], K[key][2j + 1]); vt[t][d]
+// = (V[k0 + 2t][d], V[k0 + 2t + 1][d]). Keys past `keys` are zeros (their scores are masked off anyway).
+RADIXLM_AVX512 void pack_key_block(const SpanTask& t, int64_t h, int64_t k0, int64_t keys, uint32_t* kt, uint32_t* vt) {
+  const int64_t pairs = t.D / 2;
+  for (int64_t c = 0; c < kKeyBlock; ++c) {
+    const int64_t key = k0 + c;
+    if (key < keys) {
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(t.kb + (t.idx[key] * t.Hkv + h) * t.D);
+      for (int64_t j = 0; j < pairs; ++j) kt[j * kKeyBlock + c] = row[j];
+    } else {
+      for (int64_t j = 0; j < pairs; ++j) kt[j * kKeyBlock + c] = 0;
+    }
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t tp = 0; tp < kKeyBlock / 2; ++tp) {
+    const int64_t a = k0 + 2 * tp, b = a + 1;
+    const uint16_t* va = a < keys ? t.vb + (t.idx[a] * t.Hkv + h) * t.Dv : nullptr;
+    const uint16_t* vb2 = b < keys ? t.vb + (t.idx[b] * t.Hkv + h) * t.Dv : nullptr;
+    for (int64_t d = 0; d < t.Dv; d += 16) {
+      const __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + d))) : zero;
+      const __m512i hi = vb2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb2 + d))) : zero;
+      _mm512_storeu_si512(vt + tp * t.Dv + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// R query rows of one key block (each at least one key live): their scores, the online softmax update,
+// p . V. vdpbf16ps has a latency of several cycles, so R rows and split sums keep 4R (q . k) and
+// R x Dv/16 (p . V) independent chains in flight (one row with two chains ran ~105 GFLOP/s).
+struct RowState {
+  float* m;
+  float* l;
+  float* acc;  // [rows, Dv]
+};
+
+template <int R, int DC>
+RADIXLM_AVX512_BF16 RADIXLM_INLINE void span_rows(const SpanTask& t, const uint32_t* kt, const uint32_t* vt, int64_t k0,
+                                                   const int64_t (&row)[R], const int64_t (&seen)[R],
+                                                   const uint32_t* const (&qp)[R], RowState st) {
+  constexpr int KV = kKeyBlock / 16;  // score vectors per row
+  const int64_t pairs = t.D / 2;
+  __m512 s[R][2][KV];  // even and odd dimension pairs summed apart: two chains per vector
+  for (int r = 0; r < R; ++r)
+    for (int e = 0; e < 2; ++e)
+      for (int c = 0; c < KV; ++c) s[r][e][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh kv[KV];
+    for (int c = 0; c < KV; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kt + j * kKeyBlock + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qj = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[r][j]));
+      for (int c = 0; c < KV; ++c) s[r][j & 1][c] = _mm512_dpbf16_ps(s[r][j & 1][c], kv[c], qj);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(t.scale);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  alignas(64) uint32_t pbf[R][kKeyBlock / 2];
+  __m512 cv[R];
+  int64_t live_pairs = 0;
+  for (int r = 0; r < R; ++r) {
+    const int64_t x = row[r];
+    const __m512i limit = _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(seen[r] - k0, kKeyBlock)));
+    __m512 sc[KV];
+    __mmask16 ok[KV];
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < KV; ++c) {
+      ok[c] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * c)), limit);
+      sc[c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), ok[c], _mm512_add_ps(s[r][0][c], s[r][1][c]), scale);
+      mx = _mm512_max_ps(mx, sc[c]);
+    }
+    const float m_new = std::max(st.m[x], _mm512_reduce_max_ps(mx));
+    const float corr = std::exp(st.m[x] - m_new);  // 0 on the first block (m = -inf)
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < KV; c += 2) {
+      const __m512 p0 = _mm512_maskz_mov_ps(ok[c], exp16(_mm512_sub_ps(sc[c], mv)));
+      const __m512 p1 = _mm512_maskz_mov_ps(ok[c + 1], exp16(_mm512_sub_ps(sc[c + 1], mv)));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+      // keys 32c'..+15 low, +16..+31 high: the key pairs in order
+      _mm512_store_si512(pbf[r] + 8 * c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    st.l[x] = st.l[x] * corr + _mm512_reduce_add_ps(sum);
+    st.m[x] = m_new;
+    cv[r] = _mm512_set1_ps(corr);
+    live_pairs = std::max<int64_t>(live_pairs, std::min<int64_t>(kKeyBlock / 2, (seen[r] - k0 + 1) / 2));
+  }
+  __m512 av[R][DC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DC; ++c) av[r][c] = _mm512_mul_ps(_mm512_loadu_ps(st.acc + row[r] * t.Dv + 16 * c), cv[r]);
+  for (int64_t tp = 0; tp < live_pairs; ++tp) {
+    __m512bh pr[R];
+    for (int r = 0; r < R; ++r) pr[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pbf[r][tp]));
+    for (int c = 0; c < DC; ++c) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + tp * t.Dv + 16 * c);
+      for (int r = 0; r < R; ++r) av[r][c] = _mm512_dpbf16_ps(av[r][c], v, pr[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(st.acc + row[r] * t.Dv + 16 * c, av[r][c]);
+}
+
+template <int DC>
+RADIXLM_AVX512_BF16 void span_attention_task(const SpanTask& t, int64_t h, int64_t i0, std::vector<uint32_t>& kt,
+                                             std::vector<uint32_t>& vt, std::vector<float>& acc) {
+  const int64_t G = t.H / t.Hkv, i1 = std::min(t.n, i0 + kQueryBlock), rows = (i1 - i0) * G;
+  const int64_t keys = t.prefix + i1;  // the block's last query sees `keys`
+  float m[kQueryBlock * 16], l[kQueryBlock * 16];  // G <= 16 heads per KV head (checked by the caller)
+  std::fill(m, m + rows, -INFINITY);
+  std::fill(l, l + rows, 0.f);
+  std::fill(acc.begin(), acc.begin() + rows * t.Dv, 0.f);
+  const RowState st{m, l, acc.data()};
+  auto query = [&](int64_t r) { return reinterpret_cast<const uint32_t*>(t.q + ((i0 + r / G) * t.H + h * G + r % G) * t.D); };
+  for (int64_t k0 = 0; k0 < keys; k0 += kKeyBlock) {
+    pack_key_block(t, h, k0, keys, kt.data(), vt.data());
+    int64_t r = 0;
+    for (; r < rows && t.prefix + i0 + r / G + 1 <= k0; ++r) {  // rows that see no key of this block come first
+    }
+    for (; r + 2 <= rows; r += 2) {
+      const int64_t row[2] = {r, r + 1};
+      const int64_t seen[2] = {t.prefix + i0 + r / G + 1, t.prefix + i0 + (r + 1) / G + 1};
+      const uint32_t* const qp[2] = {query(r), query(r + 1)};
+      span_rows<2, DC>(t, kt.data(), vt.data(), k0, row, seen, qp, st);
+    }
+    if (r < rows) {
+      const int64_t row[1] = {r};
+      const int64_t seen[1] = {t.prefix + i0 + r / G + 1};
+      const uint32_t* const qp[1] = {query(r)};
+      span_rows<1, DC>(t, kt.data(), vt.data(), k0, row, seen, qp, st);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / G, hq = h * G + r % G;
+    const float inv = 1.f / l[r];
+    const float* a = acc.data() + r * t.Dv;
+    uint16_t* o = t.out + (i * t.H + hq) * t.Dv;
+    for (int64_t d = 0; d < t.Dv; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv))));
+  }
+}
+
+at::Tensor span_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf, const at::Tensor& kv_idx,
+                          int64_t prefix, double scale) {
+  TORCH_CHECK(current_isa() >= kAvx512Bf16, "span_attention: this CPU (or the pinned ISA level) has no AVX512_BF16");
+  TORCH_CHECK(q.device().is_cpu() && k_buf.device().is_cpu() && v_buf.device().is_cpu(), "span_attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_buf.scalar_type() == at::kBFloat16 && v_buf.scalar_type() == at::kBFloat16,
+              "span_attention: bf16 q, k and v");
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "span_attention: q [n, H, D], k/v buffers [N, Hkv, D]");
+  TORCH_CHECK(q.is_contiguous() && k_buf.is_contiguous() && v_buf.is_contiguous(), "span_attention: contiguous q / k / v");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_buf.size(1), Dv = v_buf.size(2);
+  TORCH_CHECK(k_buf.size(2) == D && v_buf.size(1) == Hkv && H % Hkv == 0 && H / Hkv <= 16, "span_attention: head shapes");
+  TORCH_CHECK(D % 2 == 0 && Dv % 16 == 0 && (Dv <= 128 || Dv == 256),
+              "span_attention: head dims must be even (q, k) and a multiple of 16 up to 128, or 256 (v)");
+  const at::Tensor idx = kv_idx.to(at::kLong).contiguous();
+  TORCH_CHECK(idx.dim() == 1 && idx.numel() == prefix + n && prefix >= 0, "span_attention: kv_idx must hold prefix + n = ",
+              prefix + n, " slots, got ", idx.numel());
+  at::Tensor out = at::empty({n, H, Dv}, q.options());
+  if (n == 0) return out;
+  const SpanTask task{reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(k_buf.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(v_buf.data_ptr<at::BFloat16>()), idx.data_ptr<int64_t>(),
+                      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, prefix, H, Hkv, D, Dv,
+                      static_cast<float>(scale)};
+  const int64_t qblocks = (n + kQueryBlock - 1) / kQueryBlock, tasks = qblocks * Hkv;
+  auto run_task = [&](int64_t h, int64_t i0, std::vector<uint32_t>& kt, std::vector<uint32_t>& vt,
+                      std::vector<float>& acc) {
+    switch (Dv / 16) {  // the p . V accumulators in registers: one zmm per 16 dims
+      case 1: span_attention_task<1>(task, h, i0, kt, vt, acc); break;
+      case 2: span_attention_task<2>(task, h, i0, kt, vt, acc); break;
+      case 3: span_attention_task<3>(task, h, i0, kt, vt, acc); break;
+      case 4: span_attention_task<4>(task, h, i0, kt, vt, acc); break;
+      case 5: span_attention_task<5>(task, h, i0, kt, vt, acc); break;
+      case 6: span_attention_task<6>(task, h, i0, kt, vt, acc); break;
+      case 7: span_attention_task<7>(task, h, i0, kt, vt, acc); break;
+      case 8: span_attention_task<8>(task, h, i0, kt, vt, acc); break;
+      default: span_attention_task<16>(task, h, i0, kt, vt, acc); break;
+    }
+  };
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    std::vector<uint32_t> kt(D / 2 * kKeyBlock), vt(kKeyBlock / 2 * Dv);
+    std::vector<float> acc(kQueryBlock * (H / Hkv) * Dv);
+    // Latest query blocks first: they see the most keys, so the short ones fill in at the end.
+    for (int64_t c = next.fetch_add(1); c < tasks; c = next.fetch_add(1))
+      run_task(c % Hkv, (qblocks - 1 - c / Hkv) * kQueryBlock, kt, vt, acc);
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (workers <= 1 || at::in_parallel_region())
+    worker();
+  else
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(); });
+  return out;
+}
+
 // ---- decode attention, reading the KV pool in place --------------------------------------------------
 //
 // out[b, h] = softmax(scale * q[b, h] . K[slot(b, l)]) V[slot(b, l)] over l < seq_lens[b], where
@@ -992,6 +1231,7 @@ TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sm, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("span_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, int prefix, float scale) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, Tensor seq_lens, float scale) -> Tensor");
 }
@@ -1000,5 +1240,6 @@ TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("span_attention", &span_attention);
   m.impl("decode_attention", &decode_attention);
 }

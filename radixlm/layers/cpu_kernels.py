@@ -163,6 +163,21 @@ def decode_attention_ok() -> bool:
     return DECODE_ATTENTION and ops() is not None
 
 
+# Set to False by tests and benchmarks that compare the prompt-span kernel with SDPA.
+SPAN_ATTENTION = True
+
+
+def span_attention_ok() -> bool:
+    """Whether the torch attention backend may attend bf16 prompt spans with `span_attention`: built,
+    switched on, and the CPU (or the pinned level) has AVX512_BF16, which its two products are made of."""
+    return (
+        SPAN_ATTENTION
+        and ops() is not None
+        and bool(_isa_now)
+        and _isa_now[0] >= ISA_NAMES.index("avx512_bf16")
+    )
+
+
 # Set to False by tests and benchmarks that compare RMSNorm / rotary's torch forms with the C++ ones.
 ELEMENTWISE = True
 
@@ -234,6 +249,10 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("radixlm_cpu::decode_attention")
     def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):
+        return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
+
+    @torch.library.register_fake("radixlm_cpu::span_attention")
+    def _span_attention(q, k_buf, v_buf, kv_idx, prefix, scale):
         return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
 
     @torch.library.register_fake("radixlm_cpu::rms_norm")

@@ -15,7 +15,9 @@ another wastes most of the work:
 - decodes that share a long cached prefix with other decodes form shared groups that read that prefix
   once (shared_prefix.py);
 - prompt spans are attended one at a time (a handful per step), each against its own history; a
-  one-token span over a prompt token is one of them, not a decode (ForwardBatch.prompt_singles).
+  one-token span over a prompt token is one of them, not a decode (ForwardBatch.prompt_singles). In bf16
+  on a CPU with AVX512_BF16, plain causal layers read the pool in place (`span_attention`, flash
+  attention); otherwise SDPA over the span's gathered K/V.
 
 Everything is built once per step (`init_forward_metadata`); each layer only gathers its own K/V and runs
 one scaled-dot-product attention per group. No Python loop over tokens.
@@ -88,7 +90,9 @@ class _ExtendSpan:
     # transformers' token_type_ids mask: causal OR same block, then the window).
     blocks: tuple[tuple[int, int], ...] = ()
 
-    def mask(self, sliding_window: int | None, device: torch.device, chunk: int | None = None) -> torch.Tensor:
+    def mask(
+        self, sliding_window: int | None, device: torch.device, chunk: int | None = None
+    ) -> torch.Tensor:
         """[1, 1, len, prefix + len] bool: causal over the whole history, inside the window and chunk."""
         key = (sliding_window, chunk)
         if key not in self._masks:
@@ -112,6 +116,8 @@ class TorchAttnMetadata:
     extends: list[_ExtendSpan]
     shared: SharedDecodeGroups | None = None
     bidirectional: BidirectionalPlan | None = None  # encoder layers' groups (bidirectional.py), on first use
+    # cpu_kernels' prompt-span attention is built, switched on and has its ISA: asked once a step
+    span_kernel: bool = False
 
 
 class TorchAttnBackend(AttentionBackend):
@@ -158,9 +164,12 @@ class TorchAttnBackend(AttentionBackend):
             if n > 1 or i in singles:
                 p = prefix_list[i]
                 blocks = fb.image_blocks.get(i, ())
-                extends.append(_ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n], blocks=blocks))
+                extends.append(
+                    _ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n], blocks=blocks)
+                )
             start += n
-        fb.attn_metadata = TorchAttnMetadata(decode, extends, shared)
+        span_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.span_attention_ok()
+        fb.attn_metadata = TorchAttnMetadata(decode, extends, shared, span_kernel=span_kernel)
 
     def _split_shared(
         self, fb: ForwardBatch, span_rows: list[int], decode_ids: list[int]
@@ -211,7 +220,9 @@ class TorchAttnBackend(AttentionBackend):
         history = fb.req_to_token[:, :max_kv].index_select(0, rows)
         kv_idx = history.masked_fill(~valid, 0)
         group = _DecodeGroup(token_idx, kv_idx, seq)
-        group._masks[(None, None)] = valid.view(valid.shape[0], 1, 1, max_kv)  # the window-free mask is this test
+        group._masks[(None, None)] = valid.view(
+            valid.shape[0], 1, 1, max_kv
+        )  # the window-free mask is this test
         return group
 
     def forward(
@@ -250,7 +261,15 @@ class TorchAttnBackend(AttentionBackend):
             out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, opts, window)
         # A Python loop over prompt spans (a few per step), never over tokens.
         for sp in meta.extends:
-            out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, opts, window)
+            if meta.span_kernel and _span_kernel_ok(q, k_buf, v_buf, sp, opts, window):
+                # radixlm's CPU kernel: flash attention over the pool's rows in place, no gather, no mask
+                qs = q[sp.start : sp.end].contiguous()
+                ops = cpu_kernels.ops()
+                out[sp.start : sp.end] = ops.span_attention(
+                    qs, k_buf, v_buf, sp.kv_idx, sp.prefix, opts.scaling
+                )
+            else:
+                out[sp.start : sp.end] = _attend_span(q, k, v, k_buf, v_buf, sp, opts, window)
         return out
 
     @staticmethod
@@ -364,6 +383,29 @@ def _attend_span(
     return o[0].transpose(0, 1)
 
 
+def _span_kernel_ok(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, sp: _ExtendSpan, opts: _Scores, window: _Window
+) -> bool:
+    """Whether cpu_kernels' span attention takes this prompt span: plain causal softmax attention (no
+    softcap, sinks, window, chunk or image blocks), bf16 queries and pool (not fp8), and the head shapes
+    it has registers for. Its result for a query depends only on that query's position and history, so a
+    prompt split differently by the prefix cache or by chunked prefill gets the same rows."""
+    H, D = q.shape[1], q.shape[2]
+    Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
+    return (
+        q.dtype == k_buf.dtype == v_buf.dtype == torch.bfloat16
+        and not opts.explicit
+        and window.full
+        and not sp.blocks
+        and k_buf.shape[2] == D
+        and D % 2 == 0
+        and Dv % 16 == 0
+        and (Dv <= 128 or Dv == 256)
+        and H % Hkv == 0
+        and H // Hkv <= 16
+    )
+
+
 def _attend_decodes(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -383,7 +425,9 @@ def _attend_decodes(
     return _decode_attention(q1, k, v, g.mask(window.sliding, window.chunk), opts)
 
 
-def _in_place_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window) -> bool:
+def _in_place_ok(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window
+) -> bool:
     """Whether cpu_kernels' decode attention takes this layer: plain softmax attention (no softcap, sinks,
     window or chunk), a pool in the query's dtype (not fp8), head dims by 8 (and, asked once a step: on a CPU
     where it built, switched on).
@@ -428,7 +472,9 @@ def _attend_shared(
         o = F.scaled_dot_product_attention(qs, kh, vh, attn_mask=mask, scale=opts.scaling)
     else:  # query axis: member-major, then the G heads of the KV head
         sinks = None if opts.sinks is None else opts.sinks.view(Hkv, 1, G).expand(Hkv, Kmax, G)
-        o = _explicit_attention(qs, kh, vh, mask, opts, None if sinks is None else sinks.reshape(1, Hkv, -1, 1))
+        o = _explicit_attention(
+            qs, kh, vh, mask, opts, None if sinks is None else sinks.reshape(1, Hkv, -1, 1)
+        )
     Dv = o.shape[-1]
     o = o.view(Gn, Hkv, Kmax, G, Dv).permute(0, 2, 1, 3, 4).reshape(Gn * Kmax, H, Dv)
     return o.index_select(0, sh.out_rows)

@@ -1,0 +1,221 @@
+"""radixlm_cpu::span_attention, the bf16 prompt-span flash attention that reads the KV pool in place
+(layers/cpu_kernels.cpp): against a float64 reference on scattered slots; a prompt split into a cached
+prefix and the rest, or into chunks, gives every query the same bits as the prompt computed whole; what it
+refuses; and the torch backend's choice of it (and of SDPA where it does not apply)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixlm.layers import cpu_kernels
+from radixlm.layers.attention_backends import torch_backend
+from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
+from radixlm.model.forward_batch import ForwardBatch
+from tests.kv_utils import HandPool, HandRows
+
+needs_span_kernel = pytest.mark.skipif(
+    cpu_kernels.disabled_by_env()
+    or cpu_kernels.ops() is None
+    or "avx512_bf16" not in cpu_kernels.available_isas(),
+    reason="span_attention needs radixlm's CPU kernels on a CPU with AVX512_BF16",
+)
+pytestmark = needs_span_kernel
+
+
+def _pool_rows(
+    g: torch.Generator, n_slots: int, Hkv: int, D: int, Dv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = torch.randn(n_slots, Hkv, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(n_slots, Hkv, Dv, generator=g).to(torch.bfloat16)
+    return k, v
+
+
+def _reference(q, k_buf, v_buf, kv_idx, prefix, scale) -> torch.Tensor:
+    """float64 causal attention of q [n, H, D] at positions prefix.. over the slots' rows -> [n, H, Dv]."""
+    n, H, _ = q.shape
+    G = H // k_buf.shape[1]
+    k = k_buf[kv_idx].double().repeat_interleave(G, 1).transpose(0, 1)  # [H, L, D]
+    v = v_buf[kv_idx].double().repeat_interleave(G, 1).transpose(0, 1)
+    mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(prefix)
+    return F.scaled_dot_product_attention(
+        q.double().transpose(0, 1), k, v, attn_mask=mask, scale=scale
+    ).transpose(0, 1)
+
+
+# (n, prefix, H, Hkv, D, Dv): one query; grouped heads (7, 4, 3 and 16 per KV head) and none; head dims
+# 32 / 64 / 80 / 128 and a 256-wide V; key counts on and off the 64-key blocks; a prefix longer than the span.
+SHAPES = [
+    (1, 0, 2, 1, 64, 64),
+    (5, 0, 14, 2, 64, 64),
+    (17, 3, 8, 2, 64, 64),
+    (64, 200, 14, 2, 64, 64),
+    (33, 40, 4, 4, 128, 128),
+    (100, 0, 16, 1, 32, 32),
+    (40, 31, 12, 4, 80, 80),
+    (9, 60, 4, 1, 256, 256),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_span_attention_matches_the_float64_reference(shape) -> None:
+    """Within the error of torch's own bf16 SDPA on the same inputs (plus an ulp of the output)."""
+    n, prefix, H, Hkv, D, Dv = shape
+    g = torch.Generator().manual_seed(n * 31 + prefix)
+    k_buf, v_buf = _pool_rows(g, 3 * (prefix + n) + 11, Hkv, D, Dv)
+    kv_idx = torch.randperm(k_buf.shape[0], generator=g)[: prefix + n]
+    q = (2 * torch.randn(n, H, D, generator=g)).to(torch.bfloat16)
+    scale = D**-0.5
+    got = cpu_kernels.ops().span_attention(q, k_buf, v_buf, kv_idx, prefix, scale)
+    assert got.shape == (n, H, Dv) and got.dtype == torch.bfloat16
+    ref = _reference(q, k_buf, v_buf, kv_idx, prefix, scale)
+    mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(prefix)
+    sdpa = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k_buf[kv_idx].transpose(0, 1)[None],
+        v_buf[kv_idx].transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_err + 2**-8, f"max error {err:.3g}, bf16 SDPA's {sdpa_err:.3g}"
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_a_query_gets_the_same_bits_however_its_prompt_is_split(Hkv) -> None:
+    """The prefix cache and chunked prefill split a prompt anywhere: each query's row depends only on its
+    position and history (whole 64-key blocks from key 0, the rest masked), never on the span it is in."""
+    L, H, D = 150, 8, 64
+    g = torch.Generator().manual_seed(Hkv)
+    k_buf, v_buf = _pool_rows(g, 400, Hkv, D, D)
+    kv_idx = torch.randperm(400, generator=g)[:L]
+    q = torch.randn(L, H, D, generator=g).to(torch.bfloat16)
+    ops = cpu_kernels.ops()
+    whole = ops.span_attention(q, k_buf, v_buf, kv_idx, 0, D**-0.5)
+    for cuts in ([1], [63, 64], [64], [100], [149], [17, 80, 130]):
+        bounds = [0, *cuts, L]
+        parts = [
+            ops.span_attention(q[a:b].contiguous(), k_buf, v_buf, kv_idx[:b], a, D**-0.5)
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        assert torch.equal(torch.cat(parts), whole), f"split at {cuts}"
+
+
+def test_span_attention_refuses_what_it_was_not_built_for() -> None:
+    ops = cpu_kernels.ops()
+    g = torch.Generator().manual_seed(0)
+    k_buf, v_buf = _pool_rows(g, 20, 2, 64, 64)
+    q = torch.randn(4, 4, 64, generator=g).to(torch.bfloat16)
+    idx = torch.arange(6)
+    with pytest.raises(RuntimeError, match="bf16 q, k and v"):
+        ops.span_attention(q.float(), k_buf, v_buf, idx, 2, 0.125)
+    with pytest.raises(RuntimeError, match="prefix \\+ n = 6 slots, got 5"):
+        ops.span_attention(q, k_buf, v_buf, idx[:5], 2, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.span_attention(q, k_buf, v_buf[:, :, :40].contiguous(), idx, 2, 0.125)
+    with pytest.raises(RuntimeError, match="head shapes"):
+        ops.span_attention(torch.randn(4, 3, 64).to(torch.bfloat16), k_buf, v_buf, idx, 2, 0.125)
+    with cpu_kernels.pinned_isa("avx512"), pytest.raises(RuntimeError, match="AVX512_BF16"):
+        ops.span_attention(q, k_buf, v_buf, idx, 2, 0.125)
+
+
+def _backend_step(spans, H, Hkv, D, *, window=None, softcap=None, seed=0):
+    """One bf16 ForwardBatch of (prefix, extend) prompt spans through TorchAttnBackend -> (out, q, ks, vs)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = HandPool(
+        capacity=512, page_size=1, num_layers=1, num_kv_heads=Hkv, head_dim=D, dtype=torch.bfloat16
+    )
+    req = HandRows(8, 256)
+    rows, new_slots, ks, vs = [], [], [], []
+    for p, e in spans:
+        k = torch.randn(p + e, Hkv, D, generator=g).to(torch.bfloat16)
+        v = torch.randn(p + e, Hkv, D, generator=g).to(torch.bfloat16)
+        rows.append(req.alloc())
+        slots = pool.alloc(p + e)
+        req.write(rows[-1], 0, slots)
+        pool.write(0, slots, k, v)
+        new_slots.append(slots[p:])
+        ks.append(k)
+        vs.append(v)
+    total = sum(e for _, e in spans)
+    fb = ForwardBatch.from_spans(
+        input_ids=[0] * total,
+        out_cache_loc=torch.cat(new_slots),
+        req_pool_indices=rows,
+        prefix_lens=[p for p, _ in spans],
+        extend_lens=[e for _, e in spans],
+        sample_mask=[True] * len(spans),
+        kv_pool=pool,
+        req_to_token=req.table,
+        attn_backend=TorchAttnBackend(),
+        device=torch.device("cpu"),
+    )
+    q = (2 * torch.randn(total, H, D, generator=g)).to(torch.bfloat16)
+    out = fb.attn_backend.forward(q, fb, layer_id=0, scaling=D**-0.5, sliding_window=window, softcap=softcap)
+    return out, fb
+
+
+def test_the_torch_backend_attends_bf16_prompt_spans_with_the_kernel(monkeypatch) -> None:
+    """Prompt spans (with and without a cached prefix, next to a decode) go to the kernel, and its rows are
+    those SDPA gives up to bf16 rounding; SPAN_ATTENTION off takes the SDPA path."""
+    spans = [(0, 40), (70, 9), (12, 1)]
+    calls: list[int] = []
+    real_ops = cpu_kernels.ops()
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real_ops, name)
+
+        def span_attention(self, *args):
+            calls.append(args[0].shape[0])
+            return real_ops.span_attention(*args)
+
+    ops = cpu_kernels.ops
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: Counting())
+    with_kernel, fb = _backend_step(spans, 14, 2, 64)
+    assert fb.attn_metadata.span_kernel and calls == [40, 9]  # the decode goes to decode_attention
+    monkeypatch.setattr(cpu_kernels, "ops", ops)
+    monkeypatch.setattr(cpu_kernels, "SPAN_ATTENTION", False)
+    without, fb = _backend_step(spans, 14, 2, 64)
+    assert not fb.attn_metadata.span_kernel
+    assert (with_kernel.float() - without.float()).abs().max().item() <= 2**-6
+
+
+@pytest.mark.parametrize(
+    ("window", "softcap", "heads"),
+    [(16, None, (4, 2)), (None, 30.0, (4, 2)), (None, None, (20, 1))],
+)
+def test_layers_the_kernel_does_not_cover_keep_sdpa(monkeypatch, window, softcap, heads) -> None:
+    """A sliding window, a softcap, more than 16 query heads per KV head: the kernel is not called."""
+
+    def refuse(*args):
+        raise AssertionError("span_attention was called")
+
+    class NoSpan:
+        def __getattr__(self, name):
+            return getattr(real_ops, name)
+
+        span_attention = staticmethod(refuse)
+
+    real_ops = cpu_kernels.ops()
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: NoSpan())
+    out, _ = _backend_step([(5, 30)], heads[0], heads[1], 64, window=window, softcap=softcap)
+    assert out.shape == (30, heads[0], 64)
+
+
+def test_span_kernel_conditions() -> None:
+    q = torch.zeros(3, 8, 64, dtype=torch.bfloat16)
+    kb = torch.zeros(10, 2, 64, dtype=torch.bfloat16)
+    sp = torch_backend._ExtendSpan(0, 3, 0, torch.arange(3))
+    plain, full = torch_backend._Scores(0.125), torch_backend._Window()
+    assert torch_backend._span_kernel_ok(q, kb, kb, sp, plain, full)
+    assert not torch_backend._span_kernel_ok(q.float(), kb.float(), kb.float(), sp, plain, full)
+    assert not torch_backend._span_kernel_ok(q, kb.to(torch.float8_e4m3fn), kb, sp, plain, full)
+    assert not torch_backend._span_kernel_ok(q, kb, kb, sp, plain, torch_backend._Window(chunk=8))
+    assert not torch_backend._span_kernel_ok(
+        q, kb, kb, torch_backend._ExtendSpan(0, 3, 0, torch.arange(3), blocks=((0, 2),)), plain, full
+    )
+    assert not torch_backend._span_kernel_ok(q, kb, kb[:, :, :40], sp, plain, full)  # V width not by 16
