@@ -6,11 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixlm.layers import cpu_kernels
+
+# silu and mul in one pass of cpu_elementwise.cpp for these; float32 keeps torch's ops (held bitwise to
+# transformers; the kernel's exp differs from torch's by about a float32 ulp).
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, where the input is [gate | up]: HF's `act_fn(gate_proj(x)) * up_proj(x)` for silu."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype in _FUSED_DTYPES
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()  # the compiler fuses the torch form itself
+            and cpu_kernels.elementwise_ok()
+        ):
+            return cpu_kernels.ops().silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

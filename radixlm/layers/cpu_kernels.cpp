@@ -77,6 +77,7 @@ int64_t isa_level(int64_t request) {
   return current_isa();
 }
 
+using radixlm_simd::exp8;
 using radixlm_simd::hsum;
 using radixlm_simd::load8;
 
@@ -844,7 +845,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 constexpr int64_t kKeyBlock = RADIXLM_SPAN_KEY_BLOCK;  // a multiple of 32
 constexpr int64_t kQueryBlock = 16;
 
-RADIXLM_AVX512 RADIXLM_INLINE __m512 exp16(__m512 x) {  // exp8's polynomial, 16 lanes (x <= 0)
+RADIXLM_AVX512 RADIXLM_INLINE __m512 exp16(__m512 x) {  // cpu_simd.h's exp8, 16 lanes (x <= 0)
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
   const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -1072,22 +1073,6 @@ at::Tensor span_attention(const at::Tensor& q, const at::Tensor& k_buf, const at
 // (request, KV head) per task; the G query heads of a KV head share each loaded K / V row. float32 math
 // (AVX2 + FMA), any input dtype of float32 / bf16 / fp16; head dims a multiple of 8.
 
-// exp for x <= 0 (softmax after the max is taken off), Cephes' polynomial: ~1 ulp of float32.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
 
 // The lane sums of 8 vectors, as 8 lanes: lane i is hsum(v[i]) bit for bit (the same pairings: halves
 // folded, then lanes 0 + 2 and 1 + 3, then those two), in 10 shuffles and adds instead of 8 dependent

@@ -263,6 +263,10 @@ def _register_fake() -> None:
     def _add_rms_norm(x, residual, weight, eps):
         return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2))
 
+    @torch.library.register_fake("radixlm_cpu::silu_and_mul")
+    def _silu_and_mul(x):
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
     @torch.library.register_fake("radixlm_cpu::rotary_qk")
     def _rotary_qk(q, k, cos, sin, head_dim, rotary_dim):
         return q.new_empty(q.shape), k.new_empty(k.shape)
