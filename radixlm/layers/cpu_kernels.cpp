@@ -44,6 +44,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -778,53 +779,110 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   });
 }
 
-// ---- bf16 weights, bf16 activations, few rows (decode) -----------------------------------------------
-//
-// y = x @ W^T with W a plain [N, K] bf16 weight, for a handful of activation rows on a CPU with
-// AVX512_BF16. At one token a linear is the bytes it reads, and oneDNN's bf16 linear (prepacked or not)
-// read 17-23 GB/s of the ~33 this 2-core Zen 4 streams (the 0.5B model's 97 weights in order, 2 threads).
-// Here each output row is one sequential stream (rows are contiguous, so a thread's chunk is one stream:
-// with 2 or 4 rows interleaved, short rows at K = 896 read 20-22 GB/s against 29-33 for one), every 64
-// bytes of it one vdpbf16ps per activation row (bf16 products, float32 sums) on two alternating chains.
-// Row n's arithmetic never depends on M or on the other rows: the same inputs give the same bits at any
-// batch size.
-template <int MT>
-RADIXLM_AVX512_BF16 void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldo) {
-  __m512 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes + 64, _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
-    for (int m = 0; m < MT; ++m) {
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(x + m * K + k));
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32));
-    }
-  }
-  for (; k < K; k += 32) {  // 1-63 columns left (zeros in masked-off lanes add nothing)
-    const __mmask32 rest = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1ull << (K - k)) - 1);
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(rest, w + k);
-    for (int m = 0; m < MT; ++m)
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(rest, x + m * K + k));
-  }
-  for (int m = 0; m < MT; ++m) out[m * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-}
-
 bool bf16_gemv_supported() { return current_isa() >= kAvx512Bf16; }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const int64_t N = weight.size(0), K = weight.size(1);
-  check_common(x, N, K, "radixlm_cpu::bf16_linear");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "bf16_linear: bf16 activations and weight, got ", x.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "bf16_linear: weight must be a contiguous [N, K] matrix");
-  TORCH_CHECK(bf16_gemv_supported(), "bf16_linear: this CPU (or the pinned ISA level) has no AVX512_BF16");
+// ---- bf16 weights in column blocks, bf16 activations, decode batches (AVX512_BF16) ---------------------
+//
+// y = x @ W^T for up to a few dozen activation rows. oneDNN's packed bf16 linear is near this CPU's peak
+// once its weights are in cache (2816 x 512 at 24 rows: 388 GFLOP/s), but a decode step reads every weight
+// of the model once, far beyond the caches, and there it waited on DRAM without overlapping it: the 8
+// layers' linears of the small Qwen2 shape took 5.35 ms at 24 rows streamed against 3.0 ms hot (2-core
+// Zen 4). Here the weight is laid out for the instruction (cpu_kernels.pack_bf16_blocks):
+//
+//   blocks [ceil(N / 32), ceil(K / 2), 32, 2] bf16:   blocks[b, p, c, j] = W[32 b + c, 2 p + j]  (zeros past N, K)
+//
+// so a block of 32 output columns is one sequential stream (prefetched ahead), each 128 bytes of it two
+// vdpbf16ps per activation row against that row's (x[2p], x[2p + 1]) broadcast: no horizontal sums, up to
+// kVnniRows rows of accumulators in registers. Output (m, n) sums its K products in one fixed order
+// whatever M, the tile or the thread split: the same inputs give the same bits at any batch size.
+constexpr int64_t kVnniCols = 32;
+constexpr int kVnniRows = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of the 32 registers
+
+template <int MT>
+RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* wb, const float* bias,
+                                   int64_t n0, int64_t N, uint16_t* y, int64_t ldy) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* wp = wb + p * 2 * kVnniCols;
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes + 64, _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+    for (int m = 0; m < MT; ++m) {
+      int32_t two;
+      std::memcpy(&two, x + m * ldx + 2 * p, sizeof(two));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+    }
+  }
+  if (K % 2) {  // the last column pairs with the packing's zero
+    const uint16_t* wp = wb + pairs * 2 * kVnniCols;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[m * ldx + K - 1]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c0 = n0 + 16 * j;
+    if (c0 >= N) break;
+    const __mmask16 live = N - c0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - c0)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b));
+      _mm256_mask_storeu_epi16(y + m * ldy + c0, live, v);
+    }
+  }
+}
+
+template <int MT = 1>
+RADIXLM_AVX512_BF16 void vnni_rows(int64_t mt, const uint16_t* x, int64_t K, const uint16_t* wb, const float* bias,
+                                   int64_t n0, int64_t N, uint16_t* y) {
+  if constexpr (MT < kVnniRows) {
+    if (mt > MT) return vnni_rows<MT + 1>(mt, x, K, wb, bias, n0, N, y);
+  }
+  vnni_tile<MT>(x, K, K, wb, bias, n0, N, y, N);
+}
+
+at::Tensor bf16_block_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t N, int64_t K,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == kVnniCols && blocks.size(3) == 2 && blocks.is_contiguous() &&
+                  blocks.scalar_type() == at::kBFloat16,
+              "bf16_block_linear: weight blocks must be contiguous bf16 [ceil(N / 32), ceil(K / 2), 32, 2], got ",
+              blocks.sizes(), " ", blocks.scalar_type());
+  check_common(x, N, K, "radixlm_cpu::bf16_block_linear");
+  TORCH_CHECK(blocks.size(0) == (N + kVnniCols - 1) / kVnniCols && blocks.size(1) == (K + 1) / 2,
+              "bf16_block_linear: weight blocks ", blocks.sizes(), " do not hold N = ", N, ", K = ", K);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "bf16_block_linear: bf16 activations, got ", x.scalar_type());
+  TORCH_CHECK(bf16_gemv_supported(), "bf16_block_linear: this CPU (or the pinned ISA level) has no AVX512_BF16");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bf16_block_linear: bias has ", bias->numel(), " elements, expected ", N);
+    b = bias->to(at::kFloat).contiguous();
+  }
+  if (M == 0) return y;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  return run_rows(x, N, bias, [&](int64_t n, int64_t m0, int64_t mt, auto, float* acc) {
-    for_row_tiles(mt, [&](int64_t t, auto tm) { bf16_tile<decltype(tm)::value>(xp + (m0 + t) * K, K, w + n * K, acc + t, 1); });
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(blocks.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t nblocks = blocks.size(0), block_elems = blocks.size(1) * 2 * kVnniCols;
+  // Row tiles as even as kVnniRows allows (24 rows: 12 + 12, not 12 + 12 + 0); a block's later tiles read
+  // its weights again from L1 / L2.
+  const int64_t tiles = (M + kVnniRows - 1) / kVnniRows;
+  for_chunks(nblocks, std::max<int64_t>(1, row_grain(K) / kVnniCols), [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+        const int64_t mt = (M - m0) / (tiles - t);
+        vnni_rows(mt, xp + m0 * K, K, wp + blk * block_elems, bp, blk * kVnniCols, N, yp + m0 * N);
+        m0 += mt;
+      }
   });
+  return y;
 }
 
 // ---- prompt-span attention, bf16, reading the KV pool in place (AVX512_BF16) ---------------------------
@@ -1215,7 +1273,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
 TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sm, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
   m.def("span_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, int prefix, float scale) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, Tensor seq_lens, float scale) -> Tensor");
@@ -1224,7 +1282,7 @@ TORCH_LIBRARY(radixlm_cpu, m) {
 TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
-  m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_block_linear", &bf16_block_linear);
   m.impl("span_attention", &span_attention);
   m.impl("decode_attention", &decode_attention);
 }

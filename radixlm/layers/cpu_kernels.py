@@ -78,7 +78,7 @@ def unsupported_cpu() -> str | None:
 
 
 def ops():
-    """torch.ops.radixlm_cpu (int8_linear, int4_linear, bf16_linear, decode_attention, isa_level, the
+    """torch.ops.radixlm_cpu (int8_linear, int4_linear, bf16_block_linear, decode_attention, isa_level, the
     elementwise ops), or None (the reason
     logged once)."""
     if disabled_by_env():
@@ -243,9 +243,9 @@ def _register_fake() -> None:
     def _int8(x, q, scales, group, bias, dense_above):
         return x.new_empty(x.shape[0], q.shape[0])
 
-    @torch.library.register_fake("radixlm_cpu::bf16_linear")
-    def _bf16(x, weight, bias):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    @torch.library.register_fake("radixlm_cpu::bf16_block_linear")
+    def _bf16_blocks(x, blocks, n, k, bias):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("radixlm_cpu::decode_attention")
     def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):
@@ -273,6 +273,18 @@ def _register_fake() -> None:
 
 
 # ---- the packings and their references (plain torch: independent of the C++) -------------------------
+
+
+BLOCK_COLS = 32  # output columns per weight block of bf16_block_linear (kVnniCols in cpu_kernels.cpp)
+
+
+def pack_bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 -> [ceil(N / 32), ceil(K / 2), 32, 2] for radixlm_cpu::bf16_block_linear: blocks of 32
+    output columns, each column's inputs in pairs (the operand layout of vdpbf16ps), zeros past N and K."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // BLOCK_COLS) * BLOCK_COLS, k + k % 2, dtype=torch.bfloat16)
+    padded[:n, :k] = weight
+    return padded.view(-1, BLOCK_COLS, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

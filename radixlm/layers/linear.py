@@ -106,7 +106,7 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         # Set by layers.packed_linear.prepack_linears when a prepacked CPU kernel is faster for this shape
-        # (the dense weight is then dropped unless the bf16 decode kernel reads it) or the decode kernel
+        # (the dense weight is then dropped unless another module reads it) or the bf16 decode kernel
         # runs it; None: plain F.linear.
         self.packed: PackedWeight | None = None
         # Set by model.quantization after load: the packed integer weight, called like F.linear (the float

@@ -12,13 +12,15 @@ the low bits of every logit, so `auto` keeps its decisions in a small JSON file 
 version, thread count, dtype and shape: the first start measures, later starts on the same machine reuse
 the decision and produce the same numbers. A packed kernel must win by a clear margin to be chosen.
 
-At one to three tokens a bf16 linear on a CPU with AVX512_BF16 runs radixlm's own streaming kernel
-(`radixlm_cpu::bf16_linear`, layers/cpu_kernels.cpp) on the plain row-major weight instead: there a linear
-is the bytes it reads, and oneDNN read 23-25 GB/s of the ~33 the 2-core Zen 4 streams against 30 for the
-kernel (the 0.5B model's 97 weights in order: 40.3-42.7 ms packed, 32.8 ms the kernel; at two tokens 1.3x).
-From four tokens oneDNN's packed kernel is as fast or faster (1.3-1.5x F.linear at 4-64 tokens), so a
-packed shape keeps both layouts when the plain copies fit `PLAIN_COPY_BUDGET` of the free memory; a tied
-LM head and a shape left dense have their plain weight anyway.
+Up to DECODE_ROWS tokens a bf16 linear on a CPU with AVX512_BF16 runs radixlm's own kernel
+(`radixlm_cpu::bf16_block_linear`, layers/cpu_kernels.cpp) on a copy of the weight in blocks of 32 output
+columns laid out for vdpbf16ps: a decode step reads every weight once, beyond the caches, and oneDNN left
+that read un-overlapped with its arithmetic. On the 2-core Zen 4, every weight of the model in order: the
+0.5B shape's layers at 1 token 32.5 ms packed, 28.7 ms with the earlier row-streaming kernel, 24.0 ms in
+blocks; the small shape's layers at 24 tokens 5.1 ms packed against 3.3 ms, even at 64 tokens. A shape
+keeps the block copy when all of them fit `BLOCK_COPY_BUDGET` of the free memory; a packed shape then
+drops its plain weight (it never reads it), so what it holds is the size it held before with the plain
+copy the row kernel read.
 
 `dense` (plain `F.linear`, the kernel transformers uses) and `packed` force one kernel everywhere.
 """
@@ -50,12 +52,13 @@ PACK_BATCH_HINT = 32
 # Packed is chosen only when it takes at most this fraction of the dense time, summed over TIMED_TOKENS.
 REQUIRED_SPEEDUP = 0.9
 _TIMING_REPEATS = 5
-# Up to this many activation rows a bf16 linear takes the streaming kernel (see the module docstring);
-# measured on the 2-core Zen 4 against the packed kernel: 1.2-1.3x at 1 and 2 rows, even at 3, 0.9x at 4.
-DECODE_ROWS = 3
-# The plain copies a packed shape keeps for the decode kernel may take this fraction of MemAvailable,
-# else none is kept (the KV pool, sized later, needs the rest).
-PLAIN_COPY_BUDGET = 0.25
+# Up to this many activation rows a bf16 linear takes the block kernel (see the module docstring); measured
+# on the 2-core Zen 4 against oneDNN's packed kernel, every weight of a model in order: 1.2-1.9x at 1-48
+# rows, even at 64.
+DECODE_ROWS = 64
+# The block copies the decode kernel reads may take this fraction of MemAvailable, else none is made (the KV
+# pool, sized later, needs the rest).
+BLOCK_COPY_BUDGET = 0.25
 
 
 def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -90,10 +93,17 @@ def decode_kernel_unsupported(device: torch.device, dtype: torch.dtype) -> str |
 
 class PackedWeight:
     """A [out, in] weight in the layouts the CPU kernels read, called like F.linear(x, weight, bias):
-    oneDNN's prepacked layout (`packed`, unless pack=False), the plain weight for the bf16 decode kernel
-    at up to DECODE_ROWS rows (`plain`, when given), F.linear on `plain` when not packed."""
+    oneDNN's prepacked layout (`packed`, unless pack=False), F.linear on `plain` when not packed, and with
+    decode=True the bf16 block copy for radixlm's kernel at up to DECODE_ROWS rows."""
 
-    def __init__(self, weight: torch.Tensor, *, pack: bool = True, plain: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        pack: bool = True,
+        plain: torch.Tensor | None = None,
+        decode: bool = False,
+    ) -> None:
         self.out_features, self.in_features = weight.shape
         self.packed = (
             torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
@@ -102,22 +112,27 @@ class PackedWeight:
         )
         if plain is None and not pack:
             raise ValueError("a PackedWeight needs a packed or a plain weight")
-        if plain is not None and not plain.is_contiguous():
-            raise ValueError("the decode kernel reads a contiguous [out, in] weight")
         self.plain = plain
+        self.blocks: torch.Tensor | None = None
         self._decode = None
-        if plain is not None and plain.dtype == torch.bfloat16:
+        if decode:
             from radixlm.layers import cpu_kernels
 
-            loaded = cpu_kernels.ops()
-            self._decode = None if loaded is None else loaded.bf16_linear
+            if weight.dtype != torch.bfloat16 or cpu_kernels.ops() is None:
+                raise ValueError(
+                    f"the decode kernel reads a bf16 weight with radixlm's CPU kernels ({weight.dtype})"
+                )
+            self.blocks = cpu_kernels.pack_bf16_blocks(weight.detach())
+            self._decode = cpu_kernels.ops().bf16_block_linear
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes of the packed copy (the plain one, when kept, is the module's own weight)."""
-        if self.packed is None:
-            return 0
-        return self.out_features * self.in_features * self.packed.element_size()
+        """Bytes of the packed and block copies (the plain weight, when kept, is the module's own)."""
+        packed = (
+            0 if self.packed is None else self.out_features * self.in_features * self.packed.element_size()
+        )
+        blocks = 0 if self.blocks is None else self.blocks.numel() * self.blocks.element_size()
+        return packed + blocks
 
     def kernels(self) -> str:
         parts = (["decode kernel"] if self._decode is not None else []) + (
@@ -131,7 +146,7 @@ class PackedWeight:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         if self._decode is not None and x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16:
-            y = self._decode(x2, self.plain, bias)
+            y = self._decode(x2, self.blocks, self.out_features, self.in_features, bias)
         elif self.packed is None:
             y = F.linear(x2, self.plain, bias)
         elif torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op on a prepacked weight itself
@@ -259,7 +274,7 @@ class PackReport:
     dense_modules: int = 0
     choices: dict[str, ShapeChoice] | None = None
     decode_modules: int = 0  # linears that run the bf16 decode kernel at up to DECODE_ROWS rows
-    decode_note: str = ""  # why the decode kernel is off, or what its plain copies cost
+    decode_note: str = ""  # why the decode kernel is off, or what its block copies cost
 
     def summary(self) -> str:
         decode = (
@@ -310,7 +325,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _install(mod: nn.Module, weight: PackedWeight, keep_weight: bool) -> None:
     """Route the module's matmul through `weight`; drop the dense copy unless kept (another module reads
-    it, or it is the decode kernel's plain weight)."""
+    it, or F.linear does)."""
     from radixlm.layers.embedding import VocabParallelEmbedding
 
     mod.packed = weight
@@ -330,8 +345,8 @@ def prepack_linears(
     free_bytes: int | None = None,
 ) -> PackReport:
     """Pack the model's linear weights where the kernel choice says so, and give bf16 linears the decode
-    kernel where it runs (`free_bytes`: memory free now, which bounds the plain copies packed shapes keep;
-    None keeps none). Call after the weights loaded."""
+    kernel where it runs (`free_bytes`: memory free now, which bounds the decode kernel's block copies;
+    None makes none). Call after the weights loaded."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {kernel!r}")
     if kernel == "dense":
@@ -358,39 +373,36 @@ def prepack_linears(
     cache.save()
     decode_why = decode_kernel_unsupported(device, dtype) if kernel == "auto" else f"linear_kernel {kernel}"
     copies_fit, report.decode_note = (
-        _plain_copy_budget(plan, free_bytes) if decode_why is None else (False, decode_why)
+        _block_copy_budget(plan, free_bytes) if decode_why is None else (False, decode_why)
     )
+    decode = decode_why is None and copies_fit
     with torch.inference_mode():
         for mod, packed, shared in plan:
             w = mod.weight
-            decode = decode_why is None and w.is_contiguous() and (shared or not packed or copies_fit)
-            plain = w.detach() if decode else None
             report.decode_modules += decode
             if packed:
-                _install(mod, PackedWeight(w, plain=plain), keep_weight=shared or decode)
+                _install(mod, PackedWeight(w, decode=decode), keep_weight=shared)
                 report.packed_modules += 1
             else:
                 if decode:
-                    _install(mod, PackedWeight(w, pack=False, plain=plain), keep_weight=True)
+                    _install(
+                        mod, PackedWeight(w, pack=False, plain=w.detach(), decode=True), keep_weight=True
+                    )
                 report.dense_modules += 1
     return report
 
 
-def _plain_copy_budget(plan: list[tuple[nn.Module, bool, bool]], free_bytes: int | None) -> tuple[bool, str]:
-    """Whether the packed shapes may keep their plain weights for the decode kernel, and what it costs."""
-    extra = sum(
-        m.weight.numel() * m.weight.element_size() for m, packed, shared in plan if packed and not shared
-    )
-    if extra == 0:
-        return True, ""
+def _block_copy_budget(plan: list[tuple[nn.Module, bool, bool]], free_bytes: int | None) -> tuple[bool, str]:
+    """Whether the linears may have the decode kernel's block copies, and what they cost."""
+    extra = sum(m.weight.numel() * m.weight.element_size() for m, _, _ in plan)
     mib = extra / 2**20
-    if free_bytes is None or extra > PLAIN_COPY_BUDGET * free_bytes:
+    if free_bytes is None or extra > BLOCK_COPY_BUDGET * free_bytes:
         free = "unknown" if free_bytes is None else f"{free_bytes / 2**20:.0f} MiB"
         return False, (
-            f"packed shapes keep no plain copy: {mib:.0f} MiB would exceed {PLAIN_COPY_BUDGET:.0%} of the free "
-            f"memory ({free}); they run oneDNN at every row count"
+            f"no block copies: {mib:.0f} MiB would exceed {BLOCK_COPY_BUDGET:.0%} of the free memory ({free}); "
+            "the linears run oneDNN or F.linear at every row count"
         )
-    return True, f"plain copies of the packed shapes: {mib:.0f} MiB"
+    return True, f"block copies: {mib:.0f} MiB"
 
 
 def _choose(

@@ -1,6 +1,7 @@
-"""The bf16 decode linear (radixlm_cpu::bf16_linear in layers/cpu_kernels.cpp) against a float64 reference
-on the same bf16 inputs, its batch invariance, its refusals, and how packed_linear routes a bf16 linear to
-it (up to DECODE_ROWS rows) or to oneDNN (above), with the plain copies bounded by the free memory."""
+"""The bf16 decode linear (radixlm_cpu::bf16_block_linear in layers/cpu_kernels.cpp, on the weight blocks
+cpu_kernels.pack_bf16_blocks lays out) against a float64 reference on the same bf16 inputs, its batch
+invariance, its refusals, and how packed_linear routes a bf16 linear to it (up to DECODE_ROWS rows) or to
+oneDNN / F.linear (above), with the block copies bounded by the free memory."""
 
 from __future__ import annotations
 
@@ -25,19 +26,30 @@ def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> t
     return y if bias is None else y + bias.double()
 
 
-# Column counts around the kernel's steps (64 per loop turn, then 32-column masked tails); row counts over
-# its activation tiles (4 at a time, up to 8 per weight pass) and beyond.
-@pytest.mark.parametrize(
-    "n, k", [(1, 1), (5, 31), (7, 32), (9, 63), (33, 64), (17, 100), (3, 129), (70, 896)]
-)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 17])
+def _block_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return cpu_kernels.ops().bf16_block_linear(x, cpu_kernels.pack_bf16_blocks(w), *w.shape, bias)
+
+
+def test_blocks_hold_each_column_pair_where_the_kernel_reads_it() -> None:
+    w = torch.arange(70 * 9, dtype=torch.float32).view(70, 9).to(torch.bfloat16)  # exact in bf16
+    blocks = cpu_kernels.pack_bf16_blocks(w)
+    assert blocks.shape == (3, 5, 32, 2) and blocks.dtype == torch.bfloat16
+    for n, k in ((0, 0), (31, 8), (32, 1), (69, 7), (40, 4)):
+        assert blocks[n // 32, k // 2, n % 32, k % 2] == w[n, k]
+    assert not blocks[2, :, 6:].any() and not blocks[:, 4, :, 1].any()  # zeros past N = 70 and K = 9
+
+
+# Column counts around the 32-column blocks and their 16-column halves (masked tails), odd K; row counts
+# over the kernel's row tiles (up to 12 rows a pass, split evenly) and up to DECODE_ROWS.
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 31), (16, 2), (33, 64), (17, 101), (70, 896), (96, 130)])
+@pytest.mark.parametrize("m", [1, 2, 3, 11, 12, 13, 25, DECODE_ROWS])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_linear_matches_a_float64_reference(n: int, k: int, m: int, bias: bool) -> None:
+def test_block_linear_matches_a_float64_reference(n: int, k: int, m: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(1000 * n + k + m)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
-    y = cpu_kernels.ops().bf16_linear(x, w, b)
+    y = _block_linear(x, w, b)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     ref = _reference(x, w, b)
     # bf16 x bf16 products are exact in float32; the float32 sums round (a few ulps of the row's magnitude),
@@ -53,40 +65,55 @@ def test_bf16_linear_matches_a_float64_reference(n: int, k: int, m: int, bias: b
 def test_each_row_gets_the_same_bits_at_any_batch_size() -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.randn(300, 896, generator=g).to(torch.bfloat16)
-    x = torch.randn(8, 896, generator=g).to(torch.bfloat16)
+    x = torch.randn(40, 896, generator=g).to(torch.bfloat16)
+    blocks = cpu_kernels.pack_bf16_blocks(w)
     ops = cpu_kernels.ops()
-    alone = torch.cat([ops.bf16_linear(x[i : i + 1].contiguous(), w, None) for i in range(8)])
-    for m in range(1, 9):
-        assert torch.equal(ops.bf16_linear(x[:m].contiguous(), w, None), alone[:m])
+    alone = torch.cat(
+        [ops.bf16_block_linear(x[i : i + 1].contiguous(), blocks, 300, 896, None) for i in range(40)]
+    )
+    for m in (2, 5, 12, 13, 24, 25, 40):
+        assert torch.equal(ops.bf16_block_linear(x[:m].contiguous(), blocks, 300, 896, None), alone[:m]), m
+        assert torch.equal(
+            ops.bf16_block_linear(x[40 - m :].contiguous(), blocks, 300, 896, None), alone[40 - m :]
+        ), m
 
 
-def test_bf16_linear_refuses_what_it_cannot_read() -> None:
+def test_block_linear_refuses_what_it_cannot_read() -> None:
     ops = cpu_kernels.ops()
-    w = torch.randn(8, 16).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bf16 activations and weight"):
-        ops.bf16_linear(torch.randn(2, 16), w, None)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        ops.bf16_linear(
-            torch.randn(2, 16).to(torch.bfloat16), torch.randn(16, 8).to(torch.bfloat16).t(), None
-        )
+    blocks = cpu_kernels.pack_bf16_blocks(torch.randn(8, 16).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bf16 activations"):
+        ops.bf16_block_linear(torch.randn(2, 16), blocks, 8, 16, None)
+    with pytest.raises(RuntimeError, match="weight blocks must be contiguous bf16"):
+        ops.bf16_block_linear(torch.randn(2, 16).to(torch.bfloat16), blocks.float(), 8, 16, None)
     with pytest.raises(RuntimeError, match=r"expected \[M, 16\]"):
-        ops.bf16_linear(torch.randn(2, 15).to(torch.bfloat16), w, None)
+        ops.bf16_block_linear(torch.randn(2, 15).to(torch.bfloat16), blocks, 8, 16, None)
+    with pytest.raises(RuntimeError, match="do not hold N = 40, K = 16"):
+        ops.bf16_block_linear(torch.randn(2, 16).to(torch.bfloat16), blocks, 40, 16, None)
+    with pytest.raises(RuntimeError, match="do not hold N = 8, K = 12"):
+        ops.bf16_block_linear(torch.randn(2, 12).to(torch.bfloat16), blocks, 8, 12, None)
+    with pytest.raises(RuntimeError, match="bias has 3 elements"):
+        ops.bf16_block_linear(torch.randn(2, 16).to(torch.bfloat16), blocks, 8, 16, torch.zeros(3))
 
 
 def test_packed_weight_takes_the_decode_kernel_up_to_decode_rows_and_onednn_above() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
     b = torch.randn(96, generator=g).to(torch.bfloat16)
-    both = PackedWeight(w, plain=w)
+    both = PackedWeight(w, decode=True)
     packed_only = PackedWeight(w)
     assert both.kernels() == "decode kernel + packed" and packed_only.kernels() == "packed"
-    for m in (1, DECODE_ROWS, DECODE_ROWS + 1, 40):
+    assert both.packed_bytes == 2 * packed_only.packed_bytes  # the block copy beside oneDNN's
+    for m in (1, 3, DECODE_ROWS, DECODE_ROWS + 1, 100):
         x = torch.randn(m, 64, generator=g).to(torch.bfloat16)
-        expected = cpu_kernels.ops().bf16_linear(x, w, b) if m <= DECODE_ROWS else packed_only(x, b)
+        expected = _block_linear(x, w, b) if m <= DECODE_ROWS else packed_only(x, b)
         assert torch.equal(both(x, b), expected), m
-    dense = PackedWeight(w, pack=False, plain=w)  # a shape left dense: F.linear above DECODE_ROWS
-    x = torch.randn(6, 64, generator=g).to(torch.bfloat16)
+    dense = PackedWeight(
+        w, pack=False, plain=w, decode=True
+    )  # a shape left dense: F.linear above DECODE_ROWS
+    x = torch.randn(DECODE_ROWS + 6, 64, generator=g).to(torch.bfloat16)
     assert dense.packed is None and torch.equal(dense(x, b), torch.nn.functional.linear(x, w, b))
+    with pytest.raises(ValueError, match="bf16 weight"):
+        PackedWeight(w.float(), decode=True)
 
 
 class _Tiny(nn.Module):
@@ -116,30 +143,30 @@ def _force_packed(monkeypatch) -> None:
     monkeypatch.setattr(packed_linear, "measure_shape", lambda weight, bias: choice)
 
 
-def test_auto_keeps_plain_copies_that_fit_and_logits_follow_the_kernels(monkeypatch) -> None:
+def test_auto_makes_block_copies_that_fit_and_logits_follow_the_kernels(monkeypatch) -> None:
     _force_packed(monkeypatch)
     model = _Tiny()
-    one, four = torch.tensor([3]), torch.tensor([1, 5, 7, 49])
+    one, many = torch.tensor([3]), torch.arange(DECODE_ROWS + 2) % 50
     weights = {n: m.weight.detach().clone() for n, m in (("up", model.up), ("down", model.down))}
     report = prepack_linears(model, "auto", CPU, torch.bfloat16, None, free_bytes=1 << 30)
     assert report.packed_modules == 4 and report.decode_modules == 4, report.summary()
-    assert "bf16 decode kernel at <= 3 rows on 4 linears" in report.summary()
-    assert torch.equal(model.up.weight, weights["up"])  # kept: the decode kernel reads it
+    assert (
+        f"bf16 decode kernel at <= {DECODE_ROWS} rows on 4 linears (block copies: 0 MiB)" in report.summary()
+    )
+    assert model.up.weight is None  # packed and in blocks: the plain weight is read by nothing
     assert model.up.packed.kernels() == "decode kernel + packed"
     h = model.embed(one)
-    ops = cpu_kernels.ops()
-    assert torch.equal(model.up(h), ops.bf16_linear(h, weights["up"], None))
-    assert model(one).shape == (1, 50) and model(four).shape == (4, 50)
+    assert torch.equal(model.up(h), _block_linear(h, weights["up"]))
+    assert model(one).shape == (1, 50) and model(many).shape == (DECODE_ROWS + 2, 50)
 
 
-def test_auto_keeps_no_plain_copy_beyond_the_budget_but_still_decodes_what_costs_nothing(monkeypatch) -> None:
+def test_auto_makes_no_block_copy_beyond_the_budget(monkeypatch) -> None:
     _force_packed(monkeypatch)
     model = _Tiny()
     report = prepack_linears(model, "auto", CPU, torch.bfloat16, None, free_bytes=0)
-    assert "keep no plain copy" in report.summary()
+    assert "no block copies" in report.summary() and report.decode_modules == 0
     assert model.up.weight is None and model.up.packed.kernels() == "packed"  # the dense copy is gone
-    # the tied head's weight is the embedding's, kept anyway: it decodes at no cost
-    assert model.embed.packed.kernels() == "decode kernel + packed" and report.decode_modules == 1
+    assert model.embed.packed.kernels() == "packed" and model.embed.weight is not None  # lookups read it
 
 
 def test_dense_and_forced_packed_never_take_the_decode_kernel() -> None:
