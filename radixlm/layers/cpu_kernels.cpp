@@ -779,7 +779,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   });
 }
 
-bool bf16_gemv_supported() { return current_isa() >= kAvx512Bf16; }
+bool avx512_bf16_supported() { return current_isa() >= kAvx512Bf16; }
 
 // ---- bf16 weights in column blocks, bf16 activations, decode batches (AVX512_BF16) ---------------------
 //
@@ -799,8 +799,8 @@ constexpr int64_t kVnniCols = 32;
 constexpr int kVnniRows = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of the 32 registers
 
 template <int MT>
-RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t ldx, int64_t K, const uint16_t* wb, const float* bias,
-                                   int64_t n0, int64_t N, uint16_t* y, int64_t ldy) {
+RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t K, const uint16_t* wb, const float* bias, int64_t n0,
+                                   int64_t N, uint16_t* y) {
   __m512 acc[MT][2];
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const int64_t pairs = K / 2;
@@ -811,7 +811,7 @@ RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t ldx, int64_t K, co
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
     for (int m = 0; m < MT; ++m) {
       int32_t two;
-      std::memcpy(&two, x + m * ldx + 2 * p, sizeof(two));
+      std::memcpy(&two, x + m * K + 2 * p, sizeof(two));
       const __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
@@ -821,7 +821,7 @@ RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t ldx, int64_t K, co
     const uint16_t* wp = wb + pairs * 2 * kVnniCols;
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
     for (int m = 0; m < MT; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[m * ldx + K - 1]));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(x[m * K + K - 1]));
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
     }
@@ -833,7 +833,7 @@ RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t ldx, int64_t K, co
     const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
     for (int m = 0; m < MT; ++m) {
       const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b));
-      _mm256_mask_storeu_epi16(y + m * ldy + c0, live, v);
+      _mm256_mask_storeu_epi16(y + m * N + c0, live, v);
     }
   }
 }
@@ -844,7 +844,7 @@ RADIXLM_AVX512_BF16 void vnni_rows(int64_t mt, const uint16_t* x, int64_t K, con
   if constexpr (MT < kVnniRows) {
     if (mt > MT) return vnni_rows<MT + 1>(mt, x, K, wb, bias, n0, N, y);
   }
-  vnni_tile<MT>(x, K, K, wb, bias, n0, N, y, N);
+  vnni_tile<MT>(x, K, wb, bias, n0, N, y);
 }
 
 at::Tensor bf16_block_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t N, int64_t K,
@@ -857,7 +857,7 @@ at::Tensor bf16_block_linear(const at::Tensor& x, const at::Tensor& blocks, int6
   TORCH_CHECK(blocks.size(0) == (N + kVnniCols - 1) / kVnniCols && blocks.size(1) == (K + 1) / 2,
               "bf16_block_linear: weight blocks ", blocks.sizes(), " do not hold N = ", N, ", K = ", K);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "bf16_block_linear: bf16 activations, got ", x.scalar_type());
-  TORCH_CHECK(bf16_gemv_supported(), "bf16_block_linear: this CPU (or the pinned ISA level) has no AVX512_BF16");
+  TORCH_CHECK(avx512_bf16_supported(), "bf16_block_linear: this CPU (or the pinned ISA level) has no AVX512_BF16");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor b;
