@@ -222,7 +222,9 @@ class Scheduler:
         if not self.waiting:
             return admitted
         cache = self.kv.cache
-        in_progress = [s.req for s in spans if s.req.num_remaining > s.length]
+        # Every running request still in its prompt, including one whose last chunk runs in this step: its
+        # tokens are cached only once the step commits, so a request sharing them waits one step for them.
+        in_progress = [r for r in self.running if len(r.token_ids) - r.num_computed_tokens > 1]
         for req in self.policy.order(list(self.waiting), cache):
             if len(self.running) >= self.max_running_requests or self.kv.num_free_rows == 0:
                 break

@@ -539,6 +539,23 @@ def test_a_shared_prefix_waits_for_the_prompt_in_progress() -> None:
     finish_all_and_check_empty(sim)
 
 
+def test_a_shared_prefix_waits_for_the_last_chunk_of_the_prompt_in_progress() -> None:
+    sim = Sim(make_scheduler(chunk=48, max_prefill=64, num_pages=256))
+    system = list(range(80))
+    a = make_request("a", system + [1, 2, 3], 2)
+    b = make_request("b", system + [7, 8], 2)
+    sim.add(a)
+    sim.add(b)
+    assert span_lengths(sim.step()) == {"a": 48}
+    # a's last chunk holds 32 more shared tokens, cached only when this step commits: b waits for them
+    assert span_lengths(sim.step()) == {"a": 35}
+    step = sim.step()
+    assert span_lengths(step)["b"] == 2 and step.spans[-1].start == 80
+    sim.run()
+    assert sim.prompt_computed["b"] == 2, "b recomputed part of the shared prefix"
+    finish_all_and_check_empty(sim)
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "lpm", "dfs-weight"])
 def test_policies_order_every_waiting_request(policy: str) -> None:
     sched = make_scheduler(policy=policy)
