@@ -1135,6 +1135,171 @@ at::Tensor span_attention(const at::Tensor& q, const at::Tensor& k_buf, const at
   return out;
 }
 
+// ---- decodes that share a prefix, bf16, reading the pool in place (AVX512_BF16) ----------------------
+//
+// One shared group (attention_backends/shared_prefix.py): members whose histories are one prefix of P
+// slots, kv_idx[g, :P], followed by each member's own slots, laid end to end after it (member j's start
+// after those of members 0 .. j-1). Each member's query (its last token) attends the prefix and its own
+// slots only. The prefix is packed once per key block for every member's G heads (rows = members x G), so
+// its keys are read once per group, and no member does arithmetic on another member's keys (the padded
+// SDPA form scored every row against every key of the group, masked or not). The same online softmax and
+// row kernel as span_attention (prefix blocks first, then the member's own blocks), so a member's result
+// depends on its history and on where its group's prefix ends.
+constexpr int64_t kSharedMaxRows = 256;
+
+struct SharedGroup {
+  const uint16_t* q;      // packed queries [T, H, D]
+  const int64_t* tok;     // [Kmax] each member's query token
+  const int64_t* idx;     // [Lmax] the group's slots: prefix, then every member's own
+  const int64_t* own;     // [Kmax] own slots per member (0: padding)
+  uint16_t* out;          // [Kmax, H, Dv] this group's rows of the result
+  int64_t prefix, kmax;
+};
+
+// Task rows [r0, r1) (members from m0, G heads each) against one packed block of a key list of `keys`.
+template <int DC>
+RADIXLM_AVX512_BF16 void shared_block_rows(const SpanTask& base, const SharedGroup& sg, int64_t h, int64_t m0,
+                                           const uint32_t* kt, const uint32_t* vt, RowState st, int64_t k0,
+                                           int64_t keys, int64_t r0, int64_t r1) {
+  const int64_t G = base.H / base.Hkv;
+  auto query = [&](int64_t r) {
+    return reinterpret_cast<const uint32_t*>(sg.q + (sg.tok[m0 + r / G] * base.H + h * G + r % G) * base.D);
+  };
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const int64_t row[2] = {r, r + 1}, seen[2] = {keys, keys};
+    const uint32_t* qp[2] = {query(r), query(r + 1)};
+    span_rows<2, DC>(base, kt, vt, k0, row, seen, qp, st);
+  }
+  if (r < r1) {
+    const int64_t row[1] = {r}, seen[1] = {keys};
+    const uint32_t* qp[1] = {query(r)};
+    span_rows<1, DC>(base, kt, vt, k0, row, seen, qp, st);
+  }
+}
+
+template <int DC>
+RADIXLM_AVX512_BF16 void shared_group_task(const SpanTask& base, const SharedGroup& sg, int64_t h, int64_t m0,
+                                           int64_t m1, std::vector<uint32_t>& kt, std::vector<uint32_t>& vt,
+                                           std::vector<float>& acc) {
+  const int64_t G = base.H / base.Hkv, rows = (m1 - m0) * G;
+  float m[kSharedMaxRows], l[kSharedMaxRows];
+  std::fill(m, m + rows, -INFINITY);
+  std::fill(l, l + rows, 0.f);
+  std::fill(acc.begin(), acc.begin() + rows * base.Dv, 0.f);
+  const RowState st{m, l, acc.data()};
+  auto block_rows = [&](int64_t k0, int64_t keys, int64_t r0, int64_t r1) {
+    shared_block_rows<DC>(base, sg, h, m0, kt.data(), vt.data(), st, k0, keys, r0, r1);
+  };
+  SpanTask keys_of = base;
+  keys_of.idx = sg.idx;
+  for (int64_t k0 = 0; k0 < sg.prefix; k0 += kKeyBlock) {
+    pack_key_block(keys_of, h, k0, sg.prefix, kt.data(), vt.data());
+    block_rows(k0, sg.prefix, 0, rows);
+  }
+  int64_t start = sg.prefix;
+  for (int64_t j = 0; j < m0; ++j) start += sg.own[j];
+  for (int64_t j = m0; j < m1; ++j) {
+    keys_of.idx = sg.idx + start;
+    for (int64_t k0 = 0; k0 < sg.own[j]; k0 += kKeyBlock) {
+      pack_key_block(keys_of, h, k0, sg.own[j], kt.data(), vt.data());
+      block_rows(k0, sg.own[j], (j - m0) * G, (j - m0 + 1) * G);
+    }
+    start += sg.own[j];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / l[r];
+    const float* a = acc.data() + r * base.Dv;
+    uint16_t* o = sg.out + ((m0 + r / G) * base.H + h * G + r % G) * base.Dv;
+    for (int64_t d = 0; d < base.Dv; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv))));
+  }
+}
+
+// q [T, H, D] (packed queries), token_idx / own_lens [Gn, Kmax], kv_idx [Gn, Lmax], prefix_lens [Gn] ->
+// [Gn * Kmax, H, Dv]; a padding member (own_lens 0) gets zeros.
+at::Tensor shared_decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
+                                   const at::Tensor& token_idx, const at::Tensor& kv_idx,
+                                   const at::Tensor& prefix_lens, const at::Tensor& own_lens, double scale) {
+  TORCH_CHECK(current_isa() >= kAvx512Bf16, "shared_decode_attention: this CPU (or the pinned ISA level) has no AVX512_BF16");
+  TORCH_CHECK(q.device().is_cpu() && k_buf.device().is_cpu() && v_buf.device().is_cpu(),
+              "shared_decode_attention: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_buf.scalar_type() == at::kBFloat16 && v_buf.scalar_type() == at::kBFloat16,
+              "shared_decode_attention: bf16 q, k and v");
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3 && q.is_contiguous() && k_buf.is_contiguous() &&
+                  v_buf.is_contiguous(),
+              "shared_decode_attention: contiguous q [T, H, D], k/v buffers [N, Hkv, D]");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_buf.size(1), Dv = v_buf.size(2);
+  TORCH_CHECK(k_buf.size(2) == D && v_buf.size(1) == Hkv && H % Hkv == 0 && H / Hkv <= 16, "shared_decode_attention: head shapes");
+  TORCH_CHECK(D % 2 == 0 && Dv % 16 == 0 && (Dv <= 128 || Dv == 256),
+              "shared_decode_attention: head dims must be even (q, k) and a multiple of 16 up to 128, or 256 (v)");
+  const at::Tensor tok = token_idx.to(at::kLong).contiguous(), idx = kv_idx.to(at::kLong).contiguous();
+  const at::Tensor pre = prefix_lens.to(at::kLong).contiguous(), own = own_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tok.dim() == 2 && own.sizes() == tok.sizes() && idx.dim() == 2 && idx.size(0) == tok.size(0) &&
+                  pre.numel() == tok.size(0),
+              "shared_decode_attention: token_idx / own_lens [Gn, Kmax], kv_idx [Gn, Lmax], prefix_lens [Gn]");
+  const int64_t Gn = tok.size(0), Kmax = tok.size(1), Lmax = idx.size(1), G = H / Hkv;
+  const int64_t *tp = tok.data_ptr<int64_t>(), *ip = idx.data_ptr<int64_t>(), *pp = pre.data_ptr<int64_t>(),
+                *op = own.data_ptr<int64_t>();
+  for (int64_t g = 0; g < Gn; ++g) {  // every index checked here, once: the kernel trusts them
+    int64_t keys = pp[g];
+    TORCH_CHECK(pp[g] > 0, "shared_decode_attention: prefix_lens[", g, "] must be positive");
+    for (int64_t j = 0; j < Kmax; ++j) {
+      TORCH_CHECK(op[g * Kmax + j] >= 0 && (op[g * Kmax + j] == 0 || (tp[g * Kmax + j] >= 0 && tp[g * Kmax + j] < T)),
+                  "shared_decode_attention: member ", j, " of group ", g, ": bad own length or query token");
+      keys += op[g * Kmax + j];
+    }
+    TORCH_CHECK(keys <= Lmax, "shared_decode_attention: group ", g, " holds ", keys, " keys, kv_idx has ", Lmax);
+    for (int64_t c = 0; c < keys; ++c)
+      TORCH_CHECK(ip[g * Lmax + c] >= 0 && ip[g * Lmax + c] < k_buf.size(0), "shared_decode_attention: slot out of range");
+  }
+  at::Tensor out = at::zeros({Gn * Kmax, H, Dv}, q.options());
+  if (Gn == 0 || T == 0) return out;
+  const SpanTask base{reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(k_buf.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(v_buf.data_ptr<at::BFloat16>()), nullptr, nullptr, 0, 0, H, Hkv,
+                      D, Dv, static_cast<float>(scale)};
+  // Tasks: (group, KV head, a chunk of members whose rows fit the state arrays).
+  const int64_t chunk = kSharedMaxRows / G;
+  struct Task { int64_t g, h, m0, m1; };
+  std::vector<Task> tasks;
+  for (int64_t g = 0; g < Gn; ++g) {
+    int64_t members = 0;
+    while (members < Kmax && op[g * Kmax + members] > 0) ++members;
+    for (int64_t m0 = 0; m0 < members; m0 += chunk)
+      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({g, h, m0, std::min(members, m0 + chunk)});
+  }
+  uint16_t* out_p = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    std::vector<uint32_t> kt(D / 2 * kKeyBlock), vt(kKeyBlock / 2 * Dv);
+    std::vector<float> acc(kSharedMaxRows * Dv);
+    for (int64_t c = next.fetch_add(1); c < static_cast<int64_t>(tasks.size()); c = next.fetch_add(1)) {
+      const Task& k = tasks[c];
+      const SharedGroup sg{base.q, tp + k.g * Kmax, ip + k.g * Lmax, op + k.g * Kmax, out_p + k.g * Kmax * H * Dv,
+                           pp[k.g], Kmax};
+      switch (Dv / 16) {
+        case 1: shared_group_task<1>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 2: shared_group_task<2>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 3: shared_group_task<3>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 4: shared_group_task<4>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 5: shared_group_task<5>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 6: shared_group_task<6>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 7: shared_group_task<7>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        case 8: shared_group_task<8>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+        default: shared_group_task<16>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
+      }
+    }
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  if (workers <= 1 || at::in_parallel_region())
+    worker();
+  else
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(); });
+  return out;
+}
+
 // ---- decode attention, reading the KV pool in place --------------------------------------------------
 //
 // out[b, h] = softmax(scale * q[b, h] . K[slot(b, l)]) V[slot(b, l)] over l < seq_lens[b], where
@@ -1288,6 +1453,9 @@ TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("bf16_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
   m.def("span_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, int prefix, float scale) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
+  m.def(
+      "shared_decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor token_idx, Tensor kv_idx, Tensor prefix_lens, "
+      "Tensor own_lens, float scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, Tensor seq_lens, float scale) -> Tensor");
 }
 
@@ -1297,4 +1465,5 @@ TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("bf16_block_linear", &bf16_block_linear);
   m.impl("span_attention", &span_attention);
   m.impl("decode_attention", &decode_attention);
+  m.impl("shared_decode_attention", &shared_decode_attention);
 }

@@ -255,6 +255,10 @@ def _register_fake() -> None:
     def _span_attention(q, k_buf, v_buf, kv_idx, prefix, scale):
         return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
 
+    @torch.library.register_fake("radixlm_cpu::shared_decode_attention")
+    def _shared_decode_attention(q, k_buf, v_buf, token_idx, kv_idx, prefix_lens, own_lens, scale):
+        return q.new_empty(token_idx.numel(), q.shape[1], v_buf.shape[2])
+
     @torch.library.register_fake("radixlm_cpu::rms_norm")
     def _rms_norm(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

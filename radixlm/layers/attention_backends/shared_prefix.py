@@ -45,6 +45,10 @@ class SharedDecodeGroups:
     q_pos: torch.Tensor  # [Gn, Kmax] absolute position of each member's query
     out_rows: torch.Tensor  # [M] indices into the flattened [Gn * Kmax] member axis that are real
     out_tokens: torch.Tensor  # [M] the packed token each of those rows answers
+    prefix_lens: torch.Tensor  # [Gn] shared prefix of each group
+    own_lens: (
+        torch.Tensor
+    )  # [Gn, Kmax] each member's own keys (after the prefix, members in order); 0 padding
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -152,6 +156,7 @@ def build_shared_groups(
     q_tok = torch.zeros(n, kmax, dtype=torch.int64)
     q_pos = torch.zeros(n, kmax, dtype=torch.int64)
     valid = torch.zeros(n, kmax, dtype=torch.bool)
+    own_lens = torch.zeros(n, kmax, dtype=torch.int64)
     out_rows, out_tokens = [], []
     for g, (members, prefix) in enumerate(groups):
         table = req_to_token[rows[members[0]], :prefix]
@@ -168,6 +173,7 @@ def build_shared_groups(
             q_tok[g, j] = token_idx[i]
             q_pos[g, j] = seq_lens[i] - 1
             valid[g, j] = True
+            own_lens[g, j] = n_own
             out_rows.append(g * kmax + j)
             out_tokens.append(token_idx[i])
         q_tok[g, len(members) :] = token_idx[members[0]]
@@ -180,4 +186,6 @@ def build_shared_groups(
         q_pos=q_pos.to(device),
         out_rows=torch.tensor(out_rows, dtype=torch.int64, device=device),
         out_tokens=torch.tensor(out_tokens, dtype=torch.int64, device=device),
+        prefix_lens=torch.tensor([p for _, p in groups], dtype=torch.int64, device=device),
+        own_lens=own_lens.to(device),
     )

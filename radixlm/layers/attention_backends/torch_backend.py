@@ -116,7 +116,8 @@ class TorchAttnMetadata:
     extends: list[_ExtendSpan]
     shared: SharedDecodeGroups | None = None
     bidirectional: BidirectionalPlan | None = None  # encoder layers' groups (bidirectional.py), on first use
-    # cpu_kernels' prompt-span attention is built, switched on and has its ISA: asked once a step
+    # cpu_kernels' bf16 flash kernels (span_attention, shared_decode_attention) are built, switched on and
+    # have their ISA: asked once a step
     span_kernel: bool = False
 
 
@@ -154,8 +155,10 @@ class TorchAttnBackend(AttentionBackend):
         if decode_ids:
             decode = self._build_decode_group(fb, decode_ids)
             decode.kernel_ready = fb.input_ids.device.type == "cpu" and cpu_kernels.decode_attention_ok()
+        # radixlm's bf16 flash kernels (prompt spans, shared groups): asked once a step
+        span_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.span_attention_ok()
         if pure_decode:
-            fb.attn_metadata = TorchAttnMetadata(decode, [], shared)
+            fb.attn_metadata = TorchAttnMetadata(decode, [], shared, span_kernel=span_kernel)
             return
         extends = []
         start = 0
@@ -168,7 +171,6 @@ class TorchAttnBackend(AttentionBackend):
                     _ExtendSpan(start, start + n, p, fb.req_to_token[rows[i], : p + n], blocks=blocks)
                 )
             start += n
-        span_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.span_attention_ok()
         fb.attn_metadata = TorchAttnMetadata(decode, extends, shared, span_kernel=span_kernel)
 
     def _split_shared(
@@ -258,7 +260,21 @@ class TorchAttnBackend(AttentionBackend):
             out[meta.decode.token_idx] = _attend_decodes(q, k_buf, v_buf, meta.decode, opts, window)
         if meta.shared is not None:
             sh = meta.shared
-            out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, opts, window)
+            if meta.span_kernel and _flash_kernel_ok(q, k_buf, v_buf, opts, window):
+                # radixlm's CPU kernel: the prefix's rows read in place once per group, no mask, no padding
+                o = cpu_kernels.ops().shared_decode_attention(
+                    q.contiguous(),
+                    k_buf,
+                    v_buf,
+                    sh.token_idx,
+                    sh.kv_idx,
+                    sh.prefix_lens,
+                    sh.own_lens,
+                    opts.scaling,
+                )
+                out[sh.out_tokens] = o.index_select(0, sh.out_rows)
+            else:
+                out[sh.out_tokens] = _attend_shared(q, k_buf, v_buf, sh, opts, window)
         # A Python loop over prompt spans (a few per step), never over tokens.
         for sp in meta.extends:
             if meta.span_kernel and _span_kernel_ok(q, k_buf, v_buf, sp, opts, window):
@@ -386,17 +402,24 @@ def _attend_span(
 def _span_kernel_ok(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, sp: _ExtendSpan, opts: _Scores, window: _Window
 ) -> bool:
-    """Whether cpu_kernels' span attention takes this prompt span: plain causal softmax attention (no
-    softcap, sinks, window, chunk or image blocks), bf16 queries and pool (not fp8), and the head shapes
-    it has registers for. Its result for a query depends only on that query's position and history, so a
-    prompt split differently by the prefix cache or by chunked prefill gets the same rows."""
+    """Whether cpu_kernels' span attention takes this prompt span: a layer _flash_kernel_ok takes, and no
+    image blocks. Its result for a query depends only on that query's position and history, so a prompt
+    split differently by the prefix cache or by chunked prefill gets the same rows."""
+    return not sp.blocks and _flash_kernel_ok(q, k_buf, v_buf, opts, window)
+
+
+def _flash_kernel_ok(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window
+) -> bool:
+    """Whether cpu_kernels' bf16 flash kernels (span_attention, shared_decode_attention) take this layer:
+    plain causal softmax attention (no softcap, sinks, window or chunk), bf16 queries and pool (not fp8),
+    and the head shapes they have registers for."""
     H, D = q.shape[1], q.shape[2]
     Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
     return (
         q.dtype == k_buf.dtype == v_buf.dtype == torch.bfloat16
         and not opts.explicit
         and window.full
-        and not sp.blocks
         and k_buf.shape[2] == D
         and D % 2 == 0
         and Dv % 16 == 0
