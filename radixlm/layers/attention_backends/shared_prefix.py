@@ -46,9 +46,8 @@ class SharedDecodeGroups:
     out_rows: torch.Tensor  # [M] indices into the flattened [Gn * Kmax] member axis that are real
     out_tokens: torch.Tensor  # [M] the packed token each of those rows answers
     prefix_lens: torch.Tensor  # [Gn] shared prefix of each group
-    own_lens: (
-        torch.Tensor
-    )  # [Gn, Kmax] each member's own keys (after the prefix, members in order); 0 padding
+    # [Gn, Kmax] each member's own keys (after the prefix, members in order); 0: padding
+    own_lens: torch.Tensor
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     @property
