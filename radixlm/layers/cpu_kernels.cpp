@@ -1324,23 +1324,51 @@ inline __m256 hsum8(const __m256 (&v)[8]) {
   return _mm256_hadd_ps(a, b);  // [v0 v1 v2 v3 | v4 v5 v6 v7]
 }
 
+#ifndef RADIXLM_DECODE_PREFETCH
+#define RADIXLM_DECODE_PREFETCH 32
+#endif
+// Keys this many positions ahead are asked for while the scores are summed, their K rows and their V rows
+// (which attention_values reads next): a decode's history comes from DRAM, once a step per layer.
+constexpr int64_t kDecodePrefetch = RADIXLM_DECODE_PREFETCH;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
 // scores[g * L + l] = qf[g] . K row l, for the G query heads of one KV head. Eight positions at a time:
 // eight independent FMA chains, one transposed sum (hsum8) for the eight scores; same sums as one
 // hsum per score, which is what a last partial block of positions uses.
 template <typename T>
-void attention_scores(const float* qf, const T* kb, const int64_t* idx, int64_t L, int64_t G, int64_t D,
-                      int64_t row_stride, int64_t h, float* scores) {
+void attention_scores(const float* qf, const T* kb, const T* vb, const int64_t* idx, int64_t L, int64_t G, int64_t D,
+                      int64_t Dv, int64_t row_stride, int64_t v_stride, int64_t h, float* kf, float* scores) {
   int64_t l = 0;
   for (; l + 8 <= L; l += 8) {
-    const T* kr[8];
-    for (int j = 0; j < 8; ++j) kr[j] = kb + idx[l + j] * row_stride + h * D;
+    if (kDecodePrefetch > 0)
+      for (int64_t j = l + kDecodePrefetch; j < std::min(L, l + kDecodePrefetch + 8); ++j) {
+        prefetch_row(kb + idx[j] * row_stride + h * D, D);
+        prefetch_row(vb + idx[j] * v_stride + h * Dv, Dv);
+      }
+    // The 8 keys as float32, once for all G query heads (converting them per head was most of the work
+    // for bf16 with 7 heads a KV head); float32 keys are read where they lie.
+    const float* kr[8];
+    for (int j = 0; j < 8; ++j) {
+      const T* row = kb + idx[l + j] * row_stride + h * D;
+      if constexpr (std::is_same_v<T, float>) {
+        kr[j] = row;
+      } else {
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(kf + j * D + d, load8(row + d));
+        kr[j] = kf + j * D;
+      }
+    }
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       __m256 s[8];
       for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 q8 = _mm256_loadu_ps(qg + d);
-        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(q8, load8(kr[j] + d), s[j]);
+        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(q8, _mm256_loadu_ps(kr[j] + d), s[j]);
       }
       _mm256_storeu_ps(scores + g * L + l, hsum8(s));
     }
@@ -1376,15 +1404,19 @@ template <typename T>
 void decode_attention_kernel(const T* q, const T* kb, const T* vb, const int64_t* kv_idx, const int64_t* seq_lens,
                              T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t Lmax, float scale) {
   const int64_t G = H / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), scores, acc(G * Dv), denom(G);
-    for (int64_t task = begin; task < end; ++task) {
+  // Tasks go to whichever thread is free next: histories differ in length, and an even split of the
+  // (request, KV head) list left one thread waiting on the other.
+  const int64_t tasks = B * Hkv;
+  std::atomic<int64_t> next{0};
+  auto worker = [&]() {
+    std::vector<float> qf(G * D), scores, acc(G * Dv), denom(G), kf(8 * D);
+    for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) {
       const int64_t b = task / Hkv, h = task % Hkv, L = seq_lens[b];
       const int64_t* idx = kv_idx + b * Lmax;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(q[(b * H + h * G + g) * D + d]) * scale;
       if (static_cast<int64_t>(scores.size()) < G * L) scores.resize(G * L);
-      attention_scores(qf.data(), kb, idx, L, G, D, Hkv * D, h, scores.data());
+      attention_scores(qf.data(), kb, vb, idx, L, G, D, Dv, Hkv * D, Hkv * Dv, h, kf.data(), scores.data());
       for (int64_t g = 0; g < G; ++g) {
         float* sg = &scores[g * L];
         const float mx = *std::max_element(sg, sg + L);
@@ -1399,19 +1431,32 @@ void decode_attention_kernel(const T* q, const T* kb, const T* vb, const int64_t
         for (; l < L; ++l) sum += (sg[l] = std::exp(sg[l] - mx));
         denom[g] = 1.f / sum;
       }
-      for (int64_t g0 = 0; g0 < G; g0 += 4) {  // up to 4 heads x 1 column block: 4 accumulators + V + p
-        switch (std::min<int64_t>(4, G - g0)) {
-          case 4: attention_values<4>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
-          case 3: attention_values<3>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
-          case 2: attention_values<2>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
-          default: attention_values<1>(scores.data(), vb, idx, L, Dv, Hkv * Dv, h, g0, acc.data()); break;
+      // Up to 8 heads x 1 column block a pass: 8 accumulators + V + p of 16 registers, so each V row is
+      // converted once for 8 heads (4 before: twice for 7 heads a KV head).
+      for (int64_t g0 = 0; g0 < G; g0 += 8) {
+        float* a = acc.data();
+        const float* p = scores.data();
+        switch (std::min<int64_t>(8, G - g0)) {
+          case 8: attention_values<8>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 7: attention_values<7>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 6: attention_values<6>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 5: attention_values<5>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 4: attention_values<4>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 3: attention_values<3>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          case 2: attention_values<2>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
+          default: attention_values<1>(p, vb, idx, L, Dv, Hkv * Dv, h, g0, a); break;
         }
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < Dv; ++d)
           out[(b * H + h * G + g) * Dv + d] = static_cast<T>(acc[g * Dv + d] * denom[g]);
     }
-  });
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (workers <= 1 || at::in_parallel_region())
+    worker();
+  else
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(); });
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
