@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
+from tests.kernel_utils import CountingOps
 from tests.kv_utils import HandPool, HandRows
 
 pytestmark = pytest.mark.skipif(
@@ -160,21 +161,11 @@ def test_the_torch_backend_attends_bf16_shared_groups_with_the_kernel(monkeypatc
     """Two groups (and the kernel called once for both); every member's row is its own attention up to
     bf16 rounding; SPAN_ATTENTION off takes the padded SDPA path, with the same rows up to rounding."""
     groups = [(80, [1, 4, 2]), (100, [3, 1])]
-    calls: list[int] = []
-    real_ops = cpu_kernels.ops()
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real_ops, name)
-
-        def shared_decode_attention(self, *args):
-            calls.append(args[3].shape[0])
-            return real_ops.shared_decode_attention(*args)
-
+    counting = CountingOps("shared_decode_attention", lambda q, k, v, token_idx, *rest: token_idx.shape[0])
     ops = cpu_kernels.ops
-    monkeypatch.setattr(cpu_kernels, "ops", lambda: Counting())
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: counting)
     with_kernel, q, hist, fb = _shared_step(groups, 14, 2, 64)
-    assert fb.attn_metadata.shared is not None and calls == [2]
+    assert fb.attn_metadata.shared is not None and counting.calls == [2]
     for i, (k, v) in enumerate(hist):
         ref = _attend(q[i].double(), k.double(), v.double(), 64**-0.5)
         assert (with_kernel[i].double() - ref).abs().max().item() <= 2**-6

@@ -13,6 +13,7 @@ from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends import torch_backend
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
+from tests.kernel_utils import CountingOps
 from tests.kv_utils import HandPool, HandRows
 
 needs_span_kernel = pytest.mark.skipif(
@@ -162,21 +163,11 @@ def test_the_torch_backend_attends_bf16_prompt_spans_with_the_kernel(monkeypatch
     """Prompt spans (with and without a cached prefix, next to a decode) go to the kernel, and its rows are
     those SDPA gives up to bf16 rounding; SPAN_ATTENTION off takes the SDPA path."""
     spans = [(0, 40), (70, 9), (12, 1)]
-    calls: list[int] = []
-    real_ops = cpu_kernels.ops()
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real_ops, name)
-
-        def span_attention(self, *args):
-            calls.append(args[0].shape[0])
-            return real_ops.span_attention(*args)
-
+    counting = CountingOps("span_attention", lambda q, *rest: q.shape[0])
     ops = cpu_kernels.ops
-    monkeypatch.setattr(cpu_kernels, "ops", lambda: Counting())
+    monkeypatch.setattr(cpu_kernels, "ops", lambda: counting)
     with_kernel, fb = _backend_step(spans, 14, 2, 64)
-    assert fb.attn_metadata.span_kernel and calls == [40, 9]  # the decode goes to decode_attention
+    assert fb.attn_metadata.span_kernel and counting.calls == [40, 9]  # the decode goes to decode_attention
     monkeypatch.setattr(cpu_kernels, "ops", ops)
     monkeypatch.setattr(cpu_kernels, "SPAN_ATTENTION", False)
     without, fb = _backend_step(spans, 14, 2, 64)
