@@ -885,6 +885,87 @@ at::Tensor bf16_block_linear(const at::Tensor& x, const at::Tensor& blocks, int6
   return y;
 }
 
+// ---- float32 decode linear on weight blocks (AVX-512) ----------------------------------------------------
+//
+// y[m, n] = x[m] . W[n] + b[n] for few rows m, on W laid out in blocks of kVnniCols output columns, each
+// input k's 32 weights contiguous (cpu_kernels.pack_f32_blocks): a block is one prefetched stream, and each
+// 128 bytes of it are two FMAs a row against that row's broadcast input. What bf16_block_linear does for bf16,
+// for the same reason: a decode step reads every weight once from DRAM, and oneDNN's packed kernel did not
+// overlap that read with its arithmetic (0.5B, float32, batch 1: 67% of the streaming-copy bound). Output
+// (m, n) sums its K products in order k = 0 .. K-1 whatever M, the tile or the thread split.
+template <int MT>
+RADIXLM_AVX512 void f32_tile(const float* x, int64_t K, const float* wb, const float* bias, int64_t n0, int64_t N,
+                             float* y) {
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wp = wb + k * kVnniCols;
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes + 64, _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(wp), w1 = _mm512_loadu_ps(wp + 16);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * K + k]);
+      acc[m][0] = _mm512_fmadd_ps(w0, xb, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c0 = n0 + 16 * j;
+    if (c0 >= N) break;
+    const __mmask16 live = N - c0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - c0)) - 1);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 out = bias ? _mm512_add_ps(acc[m][j], _mm512_maskz_loadu_ps(live, bias + c0)) : acc[m][j];
+      _mm512_mask_storeu_ps(y + m * N + c0, live, out);
+    }
+  }
+}
+
+template <int MT = 1>
+RADIXLM_AVX512 void f32_rows(int64_t mt, const float* x, int64_t K, const float* wb, const float* bias, int64_t n0,
+                             int64_t N, float* y) {
+  if constexpr (MT < kVnniRows) {
+    if (mt > MT) return f32_rows<MT + 1>(mt, x, K, wb, bias, n0, N, y);
+  }
+  f32_tile<MT>(x, K, wb, bias, n0, N, y);
+}
+
+at::Tensor f32_block_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t N, int64_t K,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == kVnniCols && blocks.is_contiguous() &&
+                  blocks.scalar_type() == at::kFloat,
+              "f32_block_linear: weight blocks must be contiguous float32 [ceil(N / 32), K, 32], got ", blocks.sizes(),
+              " ", blocks.scalar_type());
+  check_common(x, N, K, "radixlm_cpu::f32_block_linear");
+  TORCH_CHECK(blocks.size(0) == (N + kVnniCols - 1) / kVnniCols && blocks.size(1) == K,
+              "f32_block_linear: weight blocks ", blocks.sizes(), " do not hold N = ", N, ", K = ", K);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "f32_block_linear: float32 activations, got ", x.scalar_type());
+  TORCH_CHECK(current_isa() >= kAvx512, "f32_block_linear: this CPU (or the pinned ISA level) has no AVX-512");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "f32_block_linear: bias has ", bias->numel(), " elements, expected ", N);
+    b = bias->to(at::kFloat).contiguous();
+  }
+  if (M == 0) return y;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = blocks.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nblocks = blocks.size(0), block_elems = K * kVnniCols;
+  const int64_t tiles = (M + kVnniRows - 1) / kVnniRows;
+  // Chunks of blocks as bf16_block_linear hands them out: the same bytes of weight a chunk.
+  for_chunks(nblocks, std::max<int64_t>(1, row_grain(2 * K) / kVnniCols), [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+        const int64_t mt = (M - m0) / (tiles - t);
+        f32_rows(mt, xp + m0 * K, K, wp + blk * block_elems, bp, blk * kVnniCols, N, yp + m0 * N);
+        m0 += mt;
+      }
+  });
+  return y;
+}
+
 // ---- prompt-span attention, bf16, reading the KV pool in place (AVX512_BF16) ---------------------------
 //
 // out[i, h] = softmax(scale * q[i, h] . K[slot(l)]) V[slot(l)] over l <= prefix + i, for one prompt span of
@@ -1506,6 +1587,7 @@ TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor sm, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("bf16_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
+  m.def("f32_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
   m.def("span_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, int prefix, float scale) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
   m.def(
@@ -1518,6 +1600,7 @@ TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_block_linear", &bf16_block_linear);
+  m.impl("f32_block_linear", &f32_block_linear);
   m.impl("span_attention", &span_attention);
   m.impl("decode_attention", &decode_attention);
   m.impl("shared_decode_attention", &shared_decode_attention);

@@ -247,6 +247,10 @@ def _register_fake() -> None:
     def _bf16_blocks(x, blocks, n, k, bias):
         return x.new_empty(x.shape[0], n)
 
+    @torch.library.register_fake("radixlm_cpu::f32_block_linear")
+    def _f32_blocks(x, blocks, n, k, bias):
+        return x.new_empty(x.shape[0], n)
+
     @torch.library.register_fake("radixlm_cpu::decode_attention")
     def _decode_attention(q, k_buf, v_buf, kv_idx, seq_lens, scale):
         return q.new_empty(q.shape[0], q.shape[1], v_buf.shape[2])
@@ -289,6 +293,15 @@ def pack_bf16_blocks(weight: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(-(-n // BLOCK_COLS) * BLOCK_COLS, k + k % 2, dtype=torch.bfloat16)
     padded[:n, :k] = weight
     return padded.view(-1, BLOCK_COLS, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pack_f32_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 -> [ceil(N / 32), K, 32] for radixlm_cpu::f32_block_linear: blocks of 32 output
+    columns, each input's 32 weights contiguous, zeros past N."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // BLOCK_COLS) * BLOCK_COLS, k, dtype=torch.float32)
+    padded[:n] = weight
+    return padded.view(-1, BLOCK_COLS, k).transpose(1, 2).contiguous()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -78,16 +78,22 @@ def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"no packed linear for {dtype}"
 
 
+# The ISA level each dtype's block kernel needs (bf16: vdpbf16ps; float32: AVX-512 FMA).
+_DECODE_ISA = {torch.bfloat16: "avx512_bf16", torch.float32: "avx512"}
+
+
 def decode_kernel_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why the bf16 streaming kernel cannot run here, or None when it can."""
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return f"the decode kernel is for bfloat16 on a CPU (here {dtype} on {device.type})"
+    """Why the streaming block kernel cannot run here, or None when it can."""
+    if device.type != "cpu" or dtype not in _DECODE_ISA:
+        return f"the decode kernel is for bfloat16 or float32 on a CPU (here {dtype} on {device.type})"
     from radixlm.layers import cpu_kernels
 
     if cpu_kernels.ops() is None:
         return "radixlm's CPU kernels are not available (see the log)"
-    if cpu_kernels.isa() != "avx512_bf16":
-        return f"the CPU kernels run at {cpu_kernels.isa()}, the decode kernel needs avx512_bf16"
+    level = cpu_kernels.isa()
+    need = _DECODE_ISA[dtype]
+    if cpu_kernels.ISA_NAMES.index(level) < cpu_kernels.ISA_NAMES.index(need):
+        return f"the CPU kernels run at {level}, the {dtype} decode kernel needs {need}"
     return None
 
 
@@ -118,12 +124,16 @@ class PackedWeight:
         if decode:
             from radixlm.layers import cpu_kernels
 
-            if weight.dtype != torch.bfloat16 or cpu_kernels.ops() is None:
+            if weight.dtype not in _DECODE_ISA or cpu_kernels.ops() is None:
                 raise ValueError(
-                    f"the decode kernel reads a bf16 weight with radixlm's CPU kernels ({weight.dtype})"
+                    f"the decode kernel reads a bf16 or float32 weight with radixlm's CPU kernels ({weight.dtype})"
                 )
-            self.blocks = cpu_kernels.pack_bf16_blocks(weight.detach())
-            self._decode = cpu_kernels.ops().bf16_block_linear
+            if weight.dtype == torch.bfloat16:
+                self.blocks = cpu_kernels.pack_bf16_blocks(weight.detach())
+                self._decode = cpu_kernels.ops().bf16_block_linear
+            else:
+                self.blocks = cpu_kernels.pack_f32_blocks(weight.detach())
+                self._decode = cpu_kernels.ops().f32_block_linear
 
     @property
     def packed_bytes(self) -> int:
@@ -145,7 +155,7 @@ class PackedWeight:
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if self._decode is not None and x2.shape[0] <= DECODE_ROWS and x2.dtype == torch.bfloat16:
+        if self._decode is not None and x2.shape[0] <= DECODE_ROWS and x2.dtype == self.blocks.dtype:
             y = self._decode(x2, self.blocks, self.out_features, self.in_features, bias)
         elif self.packed is None:
             y = F.linear(x2, self.plain, bias)
@@ -273,12 +283,13 @@ class PackReport:
     packed_modules: int = 0
     dense_modules: int = 0
     choices: dict[str, ShapeChoice] | None = None
-    decode_modules: int = 0  # linears that run the bf16 decode kernel at up to DECODE_ROWS rows
+    # linears that run the block decode kernel (bf16 or float32) at up to DECODE_ROWS rows
+    decode_modules: int = 0
     decode_note: str = ""  # why the decode kernel is off, or what its block copies cost
 
     def summary(self) -> str:
         decode = (
-            f"; bf16 decode kernel at <= {DECODE_ROWS} rows on {self.decode_modules} linears"
+            f"; block decode kernel at <= {DECODE_ROWS} rows on {self.decode_modules} linears"
             + (f" ({self.decode_note})" if self.decode_note else "")
             if self.decode_modules
             else f"; no decode kernel ({self.decode_note})"

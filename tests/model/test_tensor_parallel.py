@@ -143,7 +143,15 @@ def test_tp2_transformers_backend_from_the_tp_plan_matches_transformers(arch: st
     also has a dense-MLP layer; qwen2_moe's shared expert is outside the plan and stays whole). Chunked prefill and retraction as for the native models."""
     path = cached_model_folder(arch, "tiny")
     core = EngineCore(
-        EngineConfig(model_path=str(path), dtype="float32", tp_size=2, max_total_tokens=400, chunked_prefill_size=16)
+        # dense linears: the sizes below are then the shards alone (auto adds the decode kernel's block copies)
+        EngineConfig(
+            model_path=str(path),
+            dtype="float32",
+            tp_size=2,
+            max_total_tokens=400,
+            chunked_prefill_size=16,
+            linear_kernel="dense",
+        )
     )
     try:
         assert core.runner.choice.impl == "transformers"
