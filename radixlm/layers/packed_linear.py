@@ -22,6 +22,10 @@ keeps the block copy when all of them fit `BLOCK_COPY_BUDGET` of the free memory
 drops its plain weight (it never reads it), so what it holds is the size it held before with the plain
 copy the row kernel read.
 
+A float32 linear on a CPU with AVX-512 does the same with `radixlm_cpu::f32_block_linear` (blocks of 32
+columns, each input's 32 weights contiguous, two FMAs a row per 128 bytes): the 0.5B shape's layers at
+1 token 62.4 ms packed against 44.1 ms in blocks, the rate of a streaming copy; never slower up to 64.
+
 `dense` (plain `F.linear`, the kernel transformers uses) and `packed` force one kernel everywhere.
 """
 
