@@ -796,6 +796,11 @@ bool avx512_bf16_supported() { return current_isa() >= kAvx512Bf16; }
 // kVnniRows rows of accumulators in registers. Output (m, n) sums its K products in one fixed order
 // whatever M, the tile or the thread split: the same inputs give the same bits at any batch size.
 constexpr int64_t kVnniCols = 32;
+
+// The lanes of a 16-column output vector that hold real columns when `left` columns remain.
+inline __mmask16 live_lanes16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
 constexpr int kVnniRows = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of the 32 registers
 
 template <int MT>
@@ -829,7 +834,7 @@ RADIXLM_AVX512_BF16 void vnni_tile(const uint16_t* x, int64_t K, const uint16_t*
   for (int j = 0; j < 2; ++j) {
     const int64_t c0 = n0 + 16 * j;
     if (c0 >= N) break;
-    const __mmask16 live = N - c0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - c0)) - 1);
+    const __mmask16 live = live_lanes16(N - c0);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
     for (int m = 0; m < MT; ++m) {
       const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b));
@@ -912,7 +917,7 @@ RADIXLM_AVX512 void f32_tile(const float* x, int64_t K, const float* wb, const f
   for (int j = 0; j < 2; ++j) {
     const int64_t c0 = n0 + 16 * j;
     if (c0 >= N) break;
-    const __mmask16 live = N - c0 >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (N - c0)) - 1);
+    const __mmask16 live = live_lanes16(N - c0);
     for (int m = 0; m < MT; ++m) {
       const __m512 out = bias ? _mm512_add_ps(acc[m][j], _mm512_maskz_loadu_ps(live, bias + c0)) : acc[m][j];
       _mm512_mask_storeu_ps(y + m * N + c0, live, out);
