@@ -16,6 +16,10 @@ full tensors are sliced per plan entry as they load:
     moe_tp_experts          the experts module: every rank runs every expert on its columns, so its output
                             is a partial sum, all-reduced (the router stays whole and routes alike on every rank)
 
+transformers 5.25 moved fused experts out of the TP plan into `base_model_ep_plan` (expert parallelism:
+`grouped_gemm` tensors, an `ep_dispatch_experts` module). Those entries are read as the three experts rows
+above: every rank keeps every expert and splits its columns, so the work stays even whatever the router picks.
+
 Anything else (a norm across all heads behind a gathered projection, interleaved gate/up experts, an entry
 this file does not know) is refused at start, naming the class and the entry. The embedding and LM head
 are split by vocabulary rows whatever the plan says (vocab_parallel.py); every rank gathers the same logits.
@@ -58,6 +62,8 @@ class TPSharding:
         self.model_name = model_cls.__name__
         cfg = text_config
         self.plan: dict[str, str] = dict(getattr(cfg, "base_model_tp_plan", None) or {})
+        ep_plan = dict(getattr(cfg, "base_model_ep_plan", None) or {})
+        self.plan.update(_experts_from_ep_plan(self.model_name, ep_plan, self.plan))
         if not self.plan:
             raise ModelLoadError(
                 f"{self.model_name} has no base_model_tp_plan in its config, so radixlm cannot split it across "
@@ -192,6 +198,36 @@ class TPSharding:
         if n == 0:
             raise ModelLoadError(f"{self.model_name}: the tensor-parallel plan matched no row-parallel linear")
         return n
+
+
+# Expert-parallel styles (transformers >= 5.25) and the column split radixlm runs in their place.
+_EP_MODULE_STYLES = {"ep_dispatch_experts": "moe_tp_experts", "moe_tp_experts": "moe_tp_experts"}
+_EP_TENSOR_STYLES = {"gate_up_proj": "packed_colwise", "down_proj": "rowwise"}
+_EP_IGNORED = {"ep_router"}  # the router stays whole on every rank
+
+
+def _experts_from_ep_plan(
+    model_name: str, ep_plan: dict[str, str], tp_plan: dict[str, str]
+) -> dict[str, str]:
+    """TP plan entries for the fused experts an expert-parallel plan names and the TP plan does not."""
+    entries: dict[str, str] = {}
+    for pattern, style in ep_plan.items():
+        if pattern in tp_plan or style in _EP_IGNORED:
+            continue
+        attr = pattern.rpartition(".")[2]
+        if style in _EP_MODULE_STYLES:
+            entries[pattern] = _EP_MODULE_STYLES[style]
+        elif style == "grouped_gemm" and attr.endswith("_bias"):
+            continue  # a bias follows its weight's entry (TPSharding.expert_shard_for)
+        elif style == "grouped_gemm" and attr in _EP_TENSOR_STYLES:
+            entries[pattern] = _EP_TENSOR_STYLES[attr]
+        else:
+            raise ModelLoadError(
+                f"{model_name}: expert-parallel plan entry {pattern!r}: {style!r} has no tensor-parallel "
+                f"equivalent in radixlm yet (known: grouped_gemm on {sorted(_EP_TENSOR_STYLES)}, "
+                f"{sorted(_EP_MODULE_STYLES)} on the experts module); use tp_size 1"
+            )
+    return entries
 
 
 def _regex(pattern: str) -> str:
