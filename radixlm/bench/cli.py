@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="static batch sizes for generate (default 8,16)",
     )
     p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="run every system this many times on the same requests (caches dropped between); each "
+        "system's fastest round counts, and the notes list every round (default 1)",
+    )
+    p.add_argument(
         "--json-schema",
         default=None,
         help="also run radixlm with this JSON schema (text, a file, or 'default') on every request, and "
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             cb=_cb_options(ns),
             vllm=options_from_args(ns),
             json_schema=_json_schema_arg(ns.json_schema),
+            rounds=ns.rounds,
         )
         reports = [run_offline(config_from_args(ns), opts)]
     elif ns.bench == "prefix":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from radixlm.bench.hf_baselines import Job
 from radixlm.bench.report import SystemResult, count_tokens
@@ -67,6 +67,30 @@ def run_radixlm(
         input_ids=[p for p, _ in jobs], sampling_params=[{**radixlm_params(n), **(extra or {})} for _, n in jobs]
     )
     return outs, time.perf_counter() - start
+
+
+T = TypeVar("T")
+
+
+def fastest_round(rounds: int, run: Callable[[], tuple[T, float]]) -> tuple[T, float, list[float]]:
+    """`run` (returning its outputs and seconds) `rounds` times: the fastest round's outputs and seconds,
+    and every round's seconds in order. On a shared machine one short run moves 20-30% with the host's
+    load; every system of a bench gets the same number of rounds, so the best of each compares alike."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    best: tuple[T, float] | None = None
+    seconds: list[float] = []
+    for _ in range(rounds):
+        out, s = run()
+        seconds.append(s)
+        if best is None or s < best[1]:
+            best = (out, s)
+    assert best is not None
+    return best[0], best[1], seconds
+
+
+def rounds_note(seconds: Sequence[float]) -> str:
+    return f"fastest of {len(seconds)} rounds ({', '.join(f'{s:.2f}' for s in seconds)} s)"
 
 
 def make_result(

@@ -19,9 +19,11 @@ from typing import Any
 from radixlm.bench import hf_baselines as hf
 from radixlm.bench import vllm_baseline as vb
 from radixlm.bench.common import (
+    fastest_round,
     make_result,
     radixlm_result,
     resolve_config,
+    rounds_note,
     run_radixlm,
     start_engine,
     warmup_jobs,
@@ -47,6 +49,8 @@ class OfflineOptions:
     vllm: vb.VllmOptions | None = None  # None: no vLLM row
     # A JSON schema (text) put on every request for a second radixlm row: what constrained decoding costs.
     json_schema: str | None = None
+    # Each system runs the requests this many times (caches dropped between); its fastest round counts.
+    rounds: int = 1
 
 
 # --json-schema default: a schema no request can complete within --max-output tokens (the string needs
@@ -63,11 +67,19 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def static_generate_result(model, jobs, batch_size: int) -> SystemResult:
-    outputs, seconds = hf.generate_static(model, jobs, batch_size)
+def with_rounds(result: SystemResult, seconds: list[float]) -> SystemResult:
+    if len(seconds) > 1:
+        result.notes.append(rounds_note(seconds))
+        result.extra["round_seconds"] = seconds
+    return result
+
+
+def static_generate_result(model, jobs, batch_size: int, rounds: int = 1) -> SystemResult:
+    outputs, seconds, all_seconds = fastest_round(rounds, lambda: hf.generate_static(model, jobs, batch_size))
     result = make_result(
         f"transformers generate (batch {batch_size})", jobs, [len(o) for o in outputs], seconds
     )
+    with_rounds(result, all_seconds)
     result.notes.append(
         f"static batches of {batch_size} in arrival order, left-padded; each batch decodes its longest "
         f"request's length (EOS off): {result.output_tokens:,} of {result.generated_tokens:,} decoded "
@@ -101,11 +113,11 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
         environment=environment(config.model_path, config.dtype),
     )
 
-    log(f"radixlm: {len(jobs)} requests")
+    log(f"radixlm: {len(jobs)} requests" + (f", {opts.rounds} rounds" if opts.rounds > 1 else ""))
     engine = start_engine(config, warmup)
     try:
-        outs, seconds = run_radixlm(engine, jobs)
-        base = report.add(radixlm_result("radixlm", jobs, outs, seconds))
+        outs, seconds, all_seconds = fastest_round(opts.rounds, lambda: _flushed_run(engine, jobs))
+        base = report.add(with_rounds(radixlm_result("radixlm", jobs, outs, seconds), all_seconds))
         if opts.json_schema is not None:
             _run_constrained(report, engine, base, jobs, warmup, opts.json_schema, log)
     finally:
@@ -116,6 +128,11 @@ def run_offline(config: EngineConfig, opts: OfflineOptions, log: Callable[[str],
         _run_vllm(report, config, opts, jobs, warmup, [o["output_ids"] for o in outs], log)
     add_headlines(report, statics)
     return report
+
+
+def _flushed_run(engine: Any, jobs: list[Job]) -> tuple[list[dict[str, Any]], float]:
+    engine.flush_cache()  # a round after the first must not hit the prompts the one before cached
+    return run_radixlm(engine, jobs)
 
 
 def _run_constrained(
@@ -177,10 +194,13 @@ def _run_vllm(
             opts.seed,
             opts.vllm,
             warmup,
-            [vb.batch_run("offline", jobs)],
+            [vb.batch_run(f"offline-{r}", jobs) for r in range(opts.rounds)],
             log,
         )
-        report.add(vb.batch_result(result, "offline", jobs, reference, config.dtype))
+        seconds = [run["seconds"] for run in result["runs"]]
+        fastest = min(range(len(seconds)), key=seconds.__getitem__)
+        res = report.add(vb.batch_result(result, f"offline-{fastest}", jobs, reference, config.dtype))
+        with_rounds(res, seconds)
     except vb.VllmError as e:
         vb.report_failure([report], e, log)
 
@@ -203,7 +223,7 @@ def _run_transformers(
         # A batch size at or above the request count is one batch: run that case once.
         for bs in sorted({min(b, len(jobs)) for b in opts.hf_batch_sizes}):
             log(f"transformers generate, static batches of {bs}")
-            statics.append(report.add(static_generate_result(model, jobs, bs)))
+            statics.append(report.add(static_generate_result(model, jobs, bs, opts.rounds)))
     if not opts.skip_generate_batch:
         log("transformers continuous batching (generate_batch)")
         cb = hf.ContinuousBatching(
@@ -213,10 +233,13 @@ def _run_transformers(
             max_concurrent=len(jobs),
             options=opts.cb,
         )
-        results, seconds = cb.run({f"r{i}": job for i, job in enumerate(jobs)}, warmup=warmup)
+        keyed = {f"r{i}": job for i, job in enumerate(jobs)}
+        # each round a new session (a fresh cache), with its warmup
+        results, seconds, all_seconds = fastest_round(opts.rounds, lambda: cb.run(keyed, warmup=warmup))
         res = report.add(
             make_result(GENERATE_BATCH, jobs, [len(results[f"r{i}"]) for i in range(len(jobs))], seconds)
         )
+        with_rounds(res, all_seconds)
         res.extra.update(cb.describe())
         res.notes.append(
             "continuous_batching_context_manager + add_request(max_new_tokens=per request, eos_token_id=-1): "
