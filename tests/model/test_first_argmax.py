@@ -39,6 +39,22 @@ def test_first_argmax_of_few_rows_over_a_large_vocab_is_argmax(rows: int) -> Non
         assert torch.equal(first_argmax(t), t.argmax(-1))
 
 
+def test_first_argmax_of_many_float32_rows_takes_the_blocks_and_is_argmax() -> None:
+    """Past numpy's range (2M values) float32 rows take the block path: ties, NaN and the last block."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 151936, generator=g)
+    x[0, 151935] = x[0].max() + 1
+    x[1, 7] = x[1, 90000] = x[1].max() + 1
+    x[2, 5000] = x[2, 100] = float("nan")
+    x[3] = float("-inf")
+    assert torch.equal(first_argmax(x), x.argmax(-1))
+
+
+def test_first_argmax_returns_int64_like_torch() -> None:
+    x = torch.randn(2, 100)
+    assert first_argmax(x).dtype == torch.int64
+
+
 def test_sampler_argmax_matches_the_greedy_sampler() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4096, generator=g)
