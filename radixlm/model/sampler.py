@@ -622,9 +622,10 @@ _NUMPY_ARGMAX_MAX_VALUES = 1 << 21
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) for [B, V] logits, the same index (the first maximal one; NaN counts as the maximum):
-    on CPU, each block's max (vectorized), the first block holding the row's max, the first max inside it.
-    The first maximal block holds the row's first maximal element, so the two agree exactly."""
+    """x.argmax(-1) for [B, V] logits, the same index (the first maximal one; NaN counts as the maximum).
+    On CPU, float32 up to _NUMPY_ARGMAX_MAX_VALUES goes to numpy's argmax; larger (or bf16) inputs take each
+    block's max (vectorized), the first block holding the row's max, the first max inside it. The first
+    maximal block holds the row's first maximal element, so the two agree exactly."""
     b, v = x.shape
     if x.dtype == torch.float32 and x.device.type == "cpu" and b * v <= _NUMPY_ARGMAX_MAX_VALUES:
         return torch.from_numpy(x.numpy().argmax(-1))
