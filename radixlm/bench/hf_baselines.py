@@ -141,7 +141,9 @@ class ContinuousBatching:
         if max_batch_tokens is None and model.device.type == "cpu":
             max_batch_tokens = CPU_MAX_BATCH_TOKENS
         self.cb_config = ContinuousBatchingConfig(
-            page_size=options.page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens
+            **{_page_field(ContinuousBatchingConfig): options.page_size},
+            num_blocks=num_blocks,
+            max_batch_tokens=max_batch_tokens,
         )
         self.hints = WorkloadHints(
             max_prompt_length=max_prompt_len,
@@ -157,7 +159,7 @@ class ContinuousBatching:
         """The settings this baseline ran with, for the report."""
         cfg = self.cb_config
         return {
-            "cb_page_size": cfg.page_size,
+            "cb_page_size": getattr(cfg, _page_field(type(cfg))),
             "cb_num_blocks": cfg.num_blocks,
             "cb_max_batch_tokens": cfg.max_batch_tokens,
             "cb_prefix_sharing": cfg.allow_block_sharing,
@@ -215,6 +217,13 @@ class ContinuousBatching:
                 pending |= set(follow)
                 submit(follow)
         return results
+
+
+def _page_field(config_cls: type) -> str:
+    """The name transformers gives the KV page size: `page_size` since 5.25, `block_size` before (5.17 on
+    the CUDA image we test on)."""
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    return "page_size" if "page_size" in fields or "block_size" not in fields else "block_size"
 
 
 class _DropPsutilNotice(logging.Filter):

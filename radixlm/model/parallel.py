@@ -28,6 +28,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +272,16 @@ class LeaderWatch:
         return None
 
 
+def _exit_if_orphaned(rank: int, parent_pid: int, started: threading.Event) -> None:
+    """Until `started` is set: a rank waits in the rendezvous (init_group) for every other rank, for torch's
+    timeout of many minutes, and before LeaderWatch exists nothing notices its parent die meanwhile (a node
+    killed during start-up left its rank behind, waiting). No rank will join it then: leave at once."""
+    while not started.wait(1.0):
+        if os.getppid() != parent_pid:
+            logger.error("tp rank %d: its parent process exited during start-up; stopping", rank)
+            os._exit(1)
+
+
 def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: str, parent_pid: int) -> None:
     """Ranks 1..N-1: load this rank's shard, then run every step rank 0 sends until told to stop."""
     import zmq
@@ -279,11 +290,14 @@ def run_tp_worker(config: EngineConfig, rank: int, init_method: str, address: st
     from radixlm.model.runner import ModelRunner
 
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO))
+    started = threading.Event()
+    threading.Thread(target=_exit_if_orphaned, args=(rank, parent_pid, started), daemon=True).start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.connect(address)
     runner = ModelRunner(config, tp_rank=rank, init_method=init_method)
     leader = LeaderWatch(config, rank, init_method, parent_pid)
+    started.set()  # from here LeaderWatch answers for the parent (and, across nodes, for rank 0)
     try:
         while True:
             if not sock.poll(_POLL_MS):

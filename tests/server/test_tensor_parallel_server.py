@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,9 +59,25 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _free_port_pair() -> int:
+    """A port P with P + 1 free too: node 0 receives on the rendezvous port and binds rank 1's step socket
+    at P + 1 (parallel.remote_step_address). A lone free port once failed here with P + 1 taken by another
+    process's connection ("Address already in use")."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
+
+
 def _two_nodes() -> tuple[Server, subprocess.Popen, Path]:
     """Node 1 (one rank) started first, then node 0 (the server with rank 0), on one loopback rendezvous."""
-    rendezvous = _free_port()
+    rendezvous = _free_port_pair()
     common = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{rendezvous}"]
     log = Path(tempfile.mkstemp(prefix="radixlm-node1-", suffix=".log")[1])
     cmd = [
@@ -96,6 +113,40 @@ def test_two_nodes_on_loopback_serve_a_request_end_to_end() -> None:
             follower.wait(10)
             pytest.fail(f"the follower node did not exit after node 0 stopped:\n{log.read_text()[-3000:]}")
     assert follower.returncode == 0, log.read_text()[-3000:]
+
+
+def test_a_follower_killed_while_its_rank_waits_for_node_0_leaves_no_rank_behind() -> None:
+    """Node 1 alone: its rank waits in the rendezvous for a node 0 that never comes. SIGKILL the node's
+    process (no cleanup runs): the rank must not wait on for torch's rendezvous timeout (minutes)."""
+    rendezvous = _free_port_pair()
+    cmd = [
+        sys.executable, "-m", "radixlm.launch_server", "--model-path", str(cached_model_folder("qwen2", "tiny")),
+        "--dtype", "float32", "--tp-size", "2", "--nnodes", "2", "--node-rank", "1",
+        "--dist-init-addr", f"127.0.0.1:{rendezvous}",
+    ]  # fmt: skip
+    follower = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        ranks: list[int] = []
+        while time.monotonic() < deadline and follower.poll() is None:
+            # The rank is the child that is not multiprocessing's resource tracker.
+            ranks = [c for c in _children(follower.pid) if b"resource_tracker" not in _cmdline(c)]
+            if ranks:
+                break
+            time.sleep(0.2)
+        assert ranks, "node 1 started no rank process"
+        time.sleep(1.0)  # into its start-up: loading, then waiting for the rendezvous
+    finally:
+        follower.kill()
+        follower.wait(10)
+    assert _wait_gone(ranks, 10) == [], "the rank outlived its killed node by 10 s"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @pytest.mark.slow  # about 50 s; CI time
