@@ -117,6 +117,12 @@ class InlineCoreClient(CoreClientBase):
         super().__init__(on_message)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._built: queue.SimpleQueue = queue.SimpleQueue()  # the core, or the exception that stopped it
+        from radixlm.core.malloc_tuning import keep_freed_memory, runs_on_cpu, share_main_arena
+
+        if runs_on_cpu(config.device):
+            # Before the thread exists: its step buffers must come from the main arena (malloc_tuning).
+            keep_freed_memory()
+            share_main_arena()
         self._thread = threading.Thread(target=self._run, args=(config,), name="radixlm-core", daemon=True)
         self._thread.start()
         built = self._built.get()
