@@ -13,8 +13,8 @@ The thresholds hold for glibc's main arena. A thread other than the main one all
 its own, whose heaps are 64 MiB at most: a block larger than that is a fresh mmap on every allocation
 whatever the thresholds say. An inline core (a thread of the caller's process) allocates such blocks in
 every prefill step; share_main_arena() makes threads started afterwards use the main arena (measured, 0.5B
-shape, bf16, 32 prompts of 256-512 tokens, inline core: 770,219 minor faults and 17.1 s before, 26 faults
-and 13.8 s after; the core process, whose main thread runs the core, faulted 5,600-12,700 times).
+shape, bf16, 32 prompts of 256-512 tokens, inline core: 770,219 minor faults and 17.1 s before, 546 faults
+and 13.5 s after; the core process, whose main thread runs the core, faulted 5,600-12,700 times).
 """
 
 from __future__ import annotations

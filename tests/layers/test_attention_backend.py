@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
 from tests.kv_utils import HandPool, HandRows
@@ -231,10 +232,14 @@ def _check_shared(
     window: int | None = None,
     softcap: float | None = None,
     seed: int = 0,
+    decode_kernel: bool = False,
 ) -> None:
     """groups: (shared prefix length, [own tokens of each member]) -- every member holds the same slots for
     the prefix, as the radix cache hands them out, then `own` private tokens whose last one decodes now.
-    extra_spans: unrelated (prefix, extend) spans in the same step."""
+    extra_spans: unrelated (prefix, extend) spans in the same step. The pool is float32, which the backend
+    groups only where the in-place decode kernel is off (TorchAttnBackend._groups_pay): by default it is,
+    so these tests check the torch form of the groups (the one CUDA, fp8 pools and bf16 layers the flash
+    kernel does not take run)."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     pool = _pool(512, page_size, 1, Hkv)
@@ -269,24 +274,29 @@ def _check_shared(
     seqs = [seqs[i] for i in order]
     total = sum(e for _, _, e, _, _ in seqs)
     backend = TorchAttnBackend(min_shared_prefix=min_shared_prefix)
-    fb = ForwardBatch.from_spans(
-        input_ids=[0] * total,
-        out_cache_loc=torch.zeros(total, dtype=torch.int64),  # K/V are already in the pool
-        req_pool_indices=[s[0] for s in seqs],
-        prefix_lens=[s[1] for s in seqs],
-        extend_lens=[s[2] for s in seqs],
-        sample_mask=[True] * len(seqs),
-        kv_pool=pool,
-        req_to_token=req.table,
-        attn_backend=backend,
-        device=torch.device("cpu"),
-    )
-    shared = fb.attn_metadata.shared
-    if expect_groups is not None:
-        assert (shared.num_groups if shared is not None else 0) == expect_groups
-    q = 2 * torch.randn(total, H, D, generator=g)
-    scaling = D**-0.5
-    out = backend.forward(q, fb, layer_id=0, scaling=scaling, sliding_window=window, softcap=softcap)
+    kernel_was = cpu_kernels.DECODE_ATTENTION
+    cpu_kernels.DECODE_ATTENTION = decode_kernel
+    try:
+        fb = ForwardBatch.from_spans(
+            input_ids=[0] * total,
+            out_cache_loc=torch.zeros(total, dtype=torch.int64),  # K/V are already in the pool
+            req_pool_indices=[s[0] for s in seqs],
+            prefix_lens=[s[1] for s in seqs],
+            extend_lens=[s[2] for s in seqs],
+            sample_mask=[True] * len(seqs),
+            kv_pool=pool,
+            req_to_token=req.table,
+            attn_backend=backend,
+            device=torch.device("cpu"),
+        )
+        shared = fb.attn_metadata.shared
+        if expect_groups is not None:
+            assert (shared.num_groups if shared is not None else 0) == expect_groups
+        q = 2 * torch.randn(total, H, D, generator=g)
+        scaling = D**-0.5
+        out = backend.forward(q, fb, layer_id=0, scaling=scaling, sliding_window=window, softcap=softcap)
+    finally:
+        cpu_kernels.DECODE_ATTENTION = kernel_was
     start = 0
     for _, p, e, k, v in seqs:
         ref = _reference(q[start : start + e], k, v, p, scaling, window, softcap)
@@ -296,6 +306,13 @@ def _check_shared(
 
 def test_shared_prefix_decodes_form_one_group() -> None:
     _check_shared([(12, [1, 3, 2, 5])], expect_groups=1)
+
+
+@pytest.mark.skipif(not cpu_kernels.decode_attention_ok(), reason="radixlm's CPU kernels did not build here")
+def test_a_float32_pool_with_the_decode_kernel_is_not_grouped() -> None:
+    """float32 has no shared-decode kernel, and the torch form of a group measured slower than the in-place
+    decode kernel (TorchAttnBackend._groups_pay): the same decodes attend one by one, and are still right."""
+    _check_shared([(12, [1, 3, 2, 5])], expect_groups=0, decode_kernel=True)
 
 
 def test_shared_groups_next_to_singles_and_prompt_spans() -> None:
