@@ -140,7 +140,9 @@ class TorchAttnBackend(AttentionBackend):
             decode_ids = [i for i, n in enumerate(ext_list) if n == 1 and i not in singles]
         shared = None
         min_shared = self.min_shared_prefix
-        if min_shared is not None and len(decode_ids) > 1 and self._groups_pay(fb):
+        # radixlm's in-place decode kernel: asked once a step
+        decode_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.decode_attention_ok()
+        if min_shared is not None and len(decode_ids) > 1 and self._groups_pay(fb, decode_kernel):
             # Two decodes share min_shared cached tokens only if they hold the same slot at position
             # min_shared - 1 (a slot is written once, for one token path). When those slots all differ,
             # find_shared_groups would find nothing: one column of the host copy says so for less
@@ -154,7 +156,7 @@ class TorchAttnBackend(AttentionBackend):
         decode = None
         if decode_ids:
             decode = self._build_decode_group(fb, decode_ids)
-            decode.kernel_ready = fb.input_ids.device.type == "cpu" and cpu_kernels.decode_attention_ok()
+            decode.kernel_ready = decode_kernel
         # radixlm's bf16 flash kernels (prompt spans, shared groups): asked once a step
         span_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.span_attention_ok()
         if pure_decode:
@@ -174,7 +176,7 @@ class TorchAttnBackend(AttentionBackend):
         fb.attn_metadata = TorchAttnMetadata(decode, extends, shared, span_kernel=span_kernel)
 
     @staticmethod
-    def _groups_pay(fb: ForwardBatch) -> bool:
+    def _groups_pay(fb: ForwardBatch, decode_kernel: bool) -> bool:
         """Whether decodes that share a prefix are worth grouping. A bf16 group runs cpu_kernels'
         shared-decode kernel (the prefix read once); a float32 group has no such kernel and runs in torch
         (its keys gathered, a mask, SDPA), which measured slower than the in-place decode kernel reading
@@ -182,9 +184,7 @@ class TorchAttnBackend(AttentionBackend):
         tokens, 64 decodes), decode steps 268-280 ms grouped against 236-242 ms, the run 37.1-40.1 s against
         36.1-36.3 s. So a float32 pool on a CPU with that kernel is not grouped (a layer the kernel does not
         take, e.g. softcapped, then decodes in torch's padded form instead)."""
-        if fb.input_ids.device.type != "cpu" or not cpu_kernels.decode_attention_ok():
-            return True
-        return fb.kv_pool.k_buffers[0].dtype != torch.float32
+        return not decode_kernel or fb.kv_pool.k_buffers[0].dtype != torch.float32
 
     def _split_shared(
         self, fb: ForwardBatch, span_rows: list[int], decode_ids: list[int]
