@@ -52,8 +52,10 @@ namespace {
 
 constexpr int64_t kMaxTileRows = 4;  // activation rows sharing one unpacked weight vector
 
-// Instruction-set levels, lowest first.
-enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+using radixlm_simd::current_isa;
+using radixlm_simd::kAvx2;
+using radixlm_simd::kAvx512;
+using radixlm_simd::kAvx512Bf16;
 
 int64_t detect_isa() {
   __builtin_cpu_init();  // gcc's checks include the OS saving the zmm state (XCR0)
@@ -70,7 +72,11 @@ int64_t supported_isa() {
 
 std::atomic<int64_t> g_isa_cap{kAvx512Bf16};  // lowered by isa_level(request) for tests and benchmarks
 
-inline int64_t current_isa() { return std::min(supported_isa(), g_isa_cap.load(std::memory_order_relaxed)); }
+}  // namespace
+
+int64_t radixlm_simd::current_isa() { return std::min(supported_isa(), g_isa_cap.load(std::memory_order_relaxed)); }
+
+namespace {
 
 // request >= 0 caps the level used from now on (at most what the CPU has); returns the level in use.
 int64_t isa_level(int64_t request) {
@@ -274,11 +280,7 @@ inline void int8_rows(const float* x, int64_t ldx, int64_t M, const int8_t* w, i
 }
 
 // ---- AVX-512 -------------------------------------------------------------------------------------------
-// Compiled for these targets by attribute (the file's flags stay AVX2), run only where current_isa() says.
-
-#define RADIXLM_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
-#define RADIXLM_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define RADIXLM_INLINE inline __attribute__((always_inline))
+// (RADIXLM_AVX512 / RADIXLM_AVX512_BF16: cpu_simd.h)
 
 // Software prefetch distance for the weight stream. With one or two sequential streams per core the
 // hardware prefetchers stop at every 4 KB page and a decode step waits on DRAM. On a 2-core Xeon (AMX),
@@ -971,420 +973,7 @@ at::Tensor f32_block_linear(const at::Tensor& x, const at::Tensor& blocks, int64
   return y;
 }
 
-// ---- prompt-span attention, bf16, reading the KV pool in place (AVX512_BF16) ---------------------------
-//
-// out[i, h] = softmax(scale * q[i, h] . K[slot(l)]) V[slot(l)] over l <= prefix + i, for one prompt span of
-// n queries whose prefix + n keys sit at kv_idx in the pool: flash attention (an online softmax over blocks
-// of kKeyBlock keys), no gathered copy, no mask tensor. torch's CPU flash attention ran 70-100 GFLOP/s in
-// bf16 on the 2-core Zen 4 (14 heads, 2 KV heads, 64-dim heads, 64-1024 queries over up to 1088 keys);
-// here both products are vdpbf16ps (bf16 x bf16, float32 sums): q . k against a block of keys laid out
-// key-pairs-in-lanes (kt below, packed once per block per task), p . V with the probabilities rounded to bf16
-// (as torch's kernel rounds them for its second matmul) against key pairs of V. The softmax, its running
-// max and sum and the accumulators stay float32. One task: one KV head and kQueryBlock query positions (all
-// G query heads of that KV head, so each packed block serves 16 G rows); a query's result depends only on
-// its own span, never on the batch.
-#ifndef RADIXLM_SPAN_KEY_BLOCK
-#define RADIXLM_SPAN_KEY_BLOCK 64
-#endif
-constexpr int64_t kKeyBlock = RADIXLM_SPAN_KEY_BLOCK;  // a multiple of 32
-constexpr int64_t kQueryBlock = 16;
-
-RADIXLM_AVX512 RADIXLM_INLINE __m512 exp16(__m512 x) {  // cpu_simd.h's exp8, 16 lanes (x <= 0)
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
-}
-
-struct SpanTask {
-  const uint16_t* q;   // [n, H, D]
-  const uint16_t* kb;  // pool [slots, Hkv, D]
-  const uint16_t* vb;  // pool [slots, Hkv, Dv]
-  const int64_t* idx;  // [prefix + n]
-  uint16_t* out;       // [n, H, Dv]
-  int64_t n, prefix, H, Hkv, D, Dv;
-  float scale;
-};
-
-// Keys [k0, k0 + kKeyBlock) of KV head h: kt[j][key] = the 32-bit pair (K[key][2j], K[key][2j + 1]); vt[t][d]
-// = (V[k0 + 2t][d], V[k0 + 2t + 1][d]). Keys past `keys` are zeros (their scores are masked off anyway).
-RADIXLM_AVX512 void pack_key_block(const SpanTask& t, int64_t h, int64_t k0, int64_t keys, uint32_t* kt, uint32_t* vt) {
-  const int64_t pairs = t.D / 2;
-  for (int64_t c = 0; c < kKeyBlock; ++c) {
-    const int64_t key = k0 + c;
-    if (key < keys) {
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(t.kb + (t.idx[key] * t.Hkv + h) * t.D);
-      for (int64_t j = 0; j < pairs; ++j) kt[j * kKeyBlock + c] = row[j];
-    } else {
-      for (int64_t j = 0; j < pairs; ++j) kt[j * kKeyBlock + c] = 0;
-    }
-  }
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t tp = 0; tp < kKeyBlock / 2; ++tp) {
-    const int64_t a = k0 + 2 * tp, b = a + 1;
-    const uint16_t* va = a < keys ? t.vb + (t.idx[a] * t.Hkv + h) * t.Dv : nullptr;
-    const uint16_t* vb2 = b < keys ? t.vb + (t.idx[b] * t.Hkv + h) * t.Dv : nullptr;
-    for (int64_t d = 0; d < t.Dv; d += 16) {
-      const __m512i lo = va ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(va + d))) : zero;
-      const __m512i hi = vb2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb2 + d))) : zero;
-      _mm512_storeu_si512(vt + tp * t.Dv + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
-}
-
-// R query rows of one key block (each at least one key live): their scores, the online softmax update,
-// p . V. vdpbf16ps has a latency of several cycles, so R = 2 rows keep 2 x kKeyBlock/16 (q . k) and
-// 2 x Dv/16 (p . V) independent chains in flight. Every accumulator is picked by compile-time indices only:
-// picking q . k's by the pair index's parity (two chains a vector) put them on the stack, and the kernel ran
-// ~160 GFLOP/s against ~250 in registers (2-core Zen 4, 14 heads over 2 KV heads, 64-1024 queries over up
-// to 1,088 keys). Four rows spill (~230). Of what is left, exp16 is ~15% and packing ~8%.
-struct RowState {
-  float* m;
-  float* l;
-  float* acc;  // [rows, Dv]
-};
-
-template <int R, int DC>
-RADIXLM_AVX512_BF16 RADIXLM_INLINE void span_rows(const SpanTask& t, const uint32_t* kt, const uint32_t* vt, int64_t k0,
-                                                   const int64_t (&row)[R], const int64_t (&seen)[R],
-                                                   const uint32_t* (&qp)[R], RowState st) {
-  constexpr int KV = kKeyBlock / 16;  // score vectors per row
-  const int64_t pairs = t.D / 2;
-  // R x KV independent accumulators (each updated once per dimension pair); the loop index is never used
-  // to pick a register, so they stay in registers.
-  __m512 s[R][KV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < KV; ++c) s[r][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512bh kv[KV];
-    for (int c = 0; c < KV; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kt + j * kKeyBlock + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh qj = (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[r][j]));
-      for (int c = 0; c < KV; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], kv[c], qj);
-    }
-  }
-  const __m512 scale = _mm512_set1_ps(t.scale);
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  alignas(64) uint32_t pbf[R][kKeyBlock / 2];
-  __m512 cv[R];
-  int64_t live_pairs = 0;
-  for (int r = 0; r < R; ++r) {
-    const int64_t x = row[r];
-    const __m512i limit = _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(seen[r] - k0, kKeyBlock)));
-    __m512 sc[KV];
-    __mmask16 ok[KV];
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int c = 0; c < KV; ++c) {
-      ok[c] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * c)), limit);
-      sc[c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), ok[c], s[r][c], scale);
-      mx = _mm512_max_ps(mx, sc[c]);
-    }
-    const float m_new = std::max(st.m[x], _mm512_reduce_max_ps(mx));
-    const float corr = std::exp(st.m[x] - m_new);  // 0 on the first block (m = -inf)
-    const __m512 mv = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < KV; c += 2) {
-      const __m512 p0 = _mm512_maskz_mov_ps(ok[c], exp16(_mm512_sub_ps(sc[c], mv)));
-      const __m512 p1 = _mm512_maskz_mov_ps(ok[c + 1], exp16(_mm512_sub_ps(sc[c + 1], mv)));
-      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-      // keys 32c'..+15 low, +16..+31 high: the key pairs in order
-      _mm512_store_si512(pbf[r] + 8 * c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-    }
-    st.l[x] = st.l[x] * corr + _mm512_reduce_add_ps(sum);
-    st.m[x] = m_new;
-    cv[r] = _mm512_set1_ps(corr);
-    live_pairs = std::max<int64_t>(live_pairs, std::min<int64_t>(kKeyBlock / 2, (seen[r] - k0 + 1) / 2));
-  }
-  __m512 av[R][DC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DC; ++c) av[r][c] = _mm512_mul_ps(_mm512_loadu_ps(st.acc + row[r] * t.Dv + 16 * c), cv[r]);
-  for (int64_t tp = 0; tp < live_pairs; ++tp) {
-    __m512bh pr[R];
-    for (int r = 0; r < R; ++r) pr[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pbf[r][tp]));
-    for (int c = 0; c < DC; ++c) {
-      const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + tp * t.Dv + 16 * c);
-      for (int r = 0; r < R; ++r) av[r][c] = _mm512_dpbf16_ps(av[r][c], v, pr[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(st.acc + row[r] * t.Dv + 16 * c, av[r][c]);
-}
-
-// Rows [r, rows) of a task's key block in groups of R while R fit; returns the first row left.
-template <int R, int DC>
-RADIXLM_AVX512_BF16 RADIXLM_INLINE int64_t span_row_group(const SpanTask& t, const uint32_t* kt, const uint32_t* vt,
-                                                          int64_t k0, int64_t i0, int64_t h, int64_t r, int64_t rows,
-                                                          RowState st) {
-  const int64_t G = t.H / t.Hkv;
-  for (; r + R <= rows; r += R) {
-    int64_t row[R], seen[R];
-    const uint32_t* qp[R];
-    for (int e = 0; e < R; ++e) {
-      row[e] = r + e;
-      seen[e] = t.prefix + i0 + (r + e) / G + 1;
-      qp[e] = reinterpret_cast<const uint32_t*>(t.q + ((i0 + (r + e) / G) * t.H + h * G + (r + e) % G) * t.D);
-    }
-    span_rows<R, DC>(t, kt, vt, k0, row, seen, qp, st);
-  }
-  return r;
-}
-
-template <int DC>
-RADIXLM_AVX512_BF16 void span_attention_task(const SpanTask& t, int64_t h, int64_t i0, std::vector<uint32_t>& kt,
-                                             std::vector<uint32_t>& vt, std::vector<float>& acc) {
-  const int64_t G = t.H / t.Hkv, i1 = std::min(t.n, i0 + kQueryBlock), rows = (i1 - i0) * G;
-  const int64_t keys = t.prefix + i1;  // the block's last query sees `keys`
-  float m[kQueryBlock * 16], l[kQueryBlock * 16];  // G <= 16 heads per KV head (checked by the caller)
-  std::fill(m, m + rows, -INFINITY);
-  std::fill(l, l + rows, 0.f);
-  std::fill(acc.begin(), acc.begin() + rows * t.Dv, 0.f);
-  const RowState st{m, l, acc.data()};
-  for (int64_t k0 = 0; k0 < keys; k0 += kKeyBlock) {
-    pack_key_block(t, h, k0, keys, kt.data(), vt.data());
-    int64_t r = 0;
-    for (; r < rows && t.prefix + i0 + r / G + 1 <= k0; ++r) {  // rows that see no key of this block come first
-    }
-    r = span_row_group<2, DC>(t, kt.data(), vt.data(), k0, i0, h, r, rows, st);
-    span_row_group<1, DC>(t, kt.data(), vt.data(), k0, i0, h, r, rows, st);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r / G, hq = h * G + r % G;
-    const float inv = 1.f / l[r];
-    const float* a = acc.data() + r * t.Dv;
-    uint16_t* o = t.out + (i * t.H + hq) * t.Dv;
-    for (int64_t d = 0; d < t.Dv; d += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv))));
-  }
-}
-
-at::Tensor span_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf, const at::Tensor& kv_idx,
-                          int64_t prefix, double scale) {
-  TORCH_CHECK(current_isa() >= kAvx512Bf16, "span_attention: this CPU (or the pinned ISA level) has no AVX512_BF16");
-  TORCH_CHECK(q.device().is_cpu() && k_buf.device().is_cpu() && v_buf.device().is_cpu(), "span_attention: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_buf.scalar_type() == at::kBFloat16 && v_buf.scalar_type() == at::kBFloat16,
-              "span_attention: bf16 q, k and v");
-  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "span_attention: q [n, H, D], k/v buffers [N, Hkv, D]");
-  TORCH_CHECK(q.is_contiguous() && k_buf.is_contiguous() && v_buf.is_contiguous(), "span_attention: contiguous q / k / v");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_buf.size(1), Dv = v_buf.size(2);
-  TORCH_CHECK(k_buf.size(2) == D && v_buf.size(1) == Hkv && H % Hkv == 0 && H / Hkv <= 16, "span_attention: head shapes");
-  TORCH_CHECK(D % 2 == 0 && Dv % 16 == 0 && (Dv <= 128 || Dv == 256),
-              "span_attention: head dims must be even (q, k) and a multiple of 16 up to 128, or 256 (v)");
-  const at::Tensor idx = kv_idx.to(at::kLong).contiguous();
-  TORCH_CHECK(idx.dim() == 1 && idx.numel() == prefix + n && prefix >= 0, "span_attention: kv_idx must hold prefix + n = ",
-              prefix + n, " slots, got ", idx.numel());
-  at::Tensor out = at::empty({n, H, Dv}, q.options());
-  if (n == 0) return out;
-  const SpanTask task{reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(k_buf.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(v_buf.data_ptr<at::BFloat16>()), idx.data_ptr<int64_t>(),
-                      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n, prefix, H, Hkv, D, Dv,
-                      static_cast<float>(scale)};
-  const int64_t qblocks = (n + kQueryBlock - 1) / kQueryBlock, tasks = qblocks * Hkv;
-  auto run_task = [&](int64_t h, int64_t i0, std::vector<uint32_t>& kt, std::vector<uint32_t>& vt,
-                      std::vector<float>& acc) {
-    switch (Dv / 16) {  // the p . V accumulators in registers: one zmm per 16 dims
-      case 1: span_attention_task<1>(task, h, i0, kt, vt, acc); break;
-      case 2: span_attention_task<2>(task, h, i0, kt, vt, acc); break;
-      case 3: span_attention_task<3>(task, h, i0, kt, vt, acc); break;
-      case 4: span_attention_task<4>(task, h, i0, kt, vt, acc); break;
-      case 5: span_attention_task<5>(task, h, i0, kt, vt, acc); break;
-      case 6: span_attention_task<6>(task, h, i0, kt, vt, acc); break;
-      case 7: span_attention_task<7>(task, h, i0, kt, vt, acc); break;
-      case 8: span_attention_task<8>(task, h, i0, kt, vt, acc); break;
-      default: span_attention_task<16>(task, h, i0, kt, vt, acc); break;
-    }
-  };
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    std::vector<uint32_t> kt(D / 2 * kKeyBlock), vt(kKeyBlock / 2 * Dv);
-    std::vector<float> acc(kQueryBlock * (H / Hkv) * Dv);
-    // Latest query blocks first: they see the most keys, so the short ones fill in at the end.
-    for (int64_t c = next.fetch_add(1); c < tasks; c = next.fetch_add(1))
-      run_task(c % Hkv, (qblocks - 1 - c / Hkv) * kQueryBlock, kt, vt, acc);
-  };
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
-  if (workers <= 1 || at::in_parallel_region())
-    worker();
-  else
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(); });
-  return out;
-}
-
-// ---- decodes that share a prefix, bf16, reading the pool in place (AVX512_BF16) ----------------------
-//
-// One shared group (attention_backends/shared_prefix.py): members whose histories are one prefix of P
-// slots, kv_idx[g, :P], followed by each member's own slots, laid end to end after it (member j's start
-// after those of members 0 .. j-1). Each member's query (its last token) attends the prefix and its own
-// slots only. The prefix is packed once per key block for every member's G heads (rows = members x G), so
-// its keys are read once per group, and no member does arithmetic on another member's keys (the padded
-// SDPA form scored every row against every key of the group, masked or not). The same online softmax and
-// row kernel as span_attention (prefix blocks first, then the member's own blocks), so a member's result
-// depends on its history and on where its group's prefix ends.
-constexpr int64_t kSharedMaxRows = 256;
-
-struct SharedGroup {
-  const uint16_t* q;      // packed queries [T, H, D]
-  const int64_t* tok;     // [Kmax] each member's query token
-  const int64_t* idx;     // [Lmax] the group's slots: prefix, then every member's own
-  const int64_t* own;     // [Kmax] own slots per member (0: padding)
-  uint16_t* out;          // [Kmax, H, Dv] this group's rows of the result
-  int64_t prefix, kmax;
-};
-
-// Task rows [r0, r1) (members from m0, G heads each) against one packed block of a key list of `keys`.
-template <int DC>
-RADIXLM_AVX512_BF16 void shared_block_rows(const SpanTask& base, const SharedGroup& sg, int64_t h, int64_t m0,
-                                           const uint32_t* kt, const uint32_t* vt, RowState st, int64_t k0,
-                                           int64_t keys, int64_t r0, int64_t r1) {
-  const int64_t G = base.H / base.Hkv;
-  auto query = [&](int64_t r) {
-    return reinterpret_cast<const uint32_t*>(sg.q + (sg.tok[m0 + r / G] * base.H + h * G + r % G) * base.D);
-  };
-  int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const int64_t row[2] = {r, r + 1}, seen[2] = {keys, keys};
-    const uint32_t* qp[2] = {query(r), query(r + 1)};
-    span_rows<2, DC>(base, kt, vt, k0, row, seen, qp, st);
-  }
-  if (r < r1) {
-    const int64_t row[1] = {r}, seen[1] = {keys};
-    const uint32_t* qp[1] = {query(r)};
-    span_rows<1, DC>(base, kt, vt, k0, row, seen, qp, st);
-  }
-}
-
-template <int DC>
-RADIXLM_AVX512_BF16 void shared_group_task(const SpanTask& base, const SharedGroup& sg, int64_t h, int64_t m0,
-                                           int64_t m1, std::vector<uint32_t>& kt, std::vector<uint32_t>& vt,
-                                           std::vector<float>& acc) {
-  const int64_t G = base.H / base.Hkv, rows = (m1 - m0) * G;
-  float m[kSharedMaxRows], l[kSharedMaxRows];
-  std::fill(m, m + rows, -INFINITY);
-  std::fill(l, l + rows, 0.f);
-  std::fill(acc.begin(), acc.begin() + rows * base.Dv, 0.f);
-  const RowState st{m, l, acc.data()};
-  auto block_rows = [&](int64_t k0, int64_t keys, int64_t r0, int64_t r1) {
-    shared_block_rows<DC>(base, sg, h, m0, kt.data(), vt.data(), st, k0, keys, r0, r1);
-  };
-  SpanTask keys_of = base;
-  keys_of.idx = sg.idx;
-  for (int64_t k0 = 0; k0 < sg.prefix; k0 += kKeyBlock) {
-    pack_key_block(keys_of, h, k0, sg.prefix, kt.data(), vt.data());
-    block_rows(k0, sg.prefix, 0, rows);
-  }
-  int64_t start = sg.prefix;
-  for (int64_t j = 0; j < m0; ++j) start += sg.own[j];
-  for (int64_t j = m0; j < m1; ++j) {
-    keys_of.idx = sg.idx + start;
-    for (int64_t k0 = 0; k0 < sg.own[j]; k0 += kKeyBlock) {
-      pack_key_block(keys_of, h, k0, sg.own[j], kt.data(), vt.data());
-      block_rows(k0, sg.own[j], (j - m0) * G, (j - m0 + 1) * G);
-    }
-    start += sg.own[j];
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.f / l[r];
-    const float* a = acc.data() + r * base.Dv;
-    uint16_t* o = sg.out + ((m0 + r / G) * base.H + h * G + r % G) * base.Dv;
-    for (int64_t d = 0; d < base.Dv; d += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_set1_ps(inv))));
-  }
-}
-
-// q [T, H, D] (packed queries), token_idx / own_lens [Gn, Kmax], kv_idx [Gn, Lmax], prefix_lens [Gn] ->
-// [Gn * Kmax, H, Dv]; a padding member (own_lens 0) gets zeros.
-at::Tensor shared_decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
-                                   const at::Tensor& token_idx, const at::Tensor& kv_idx,
-                                   const at::Tensor& prefix_lens, const at::Tensor& own_lens, double scale) {
-  TORCH_CHECK(current_isa() >= kAvx512Bf16, "shared_decode_attention: this CPU (or the pinned ISA level) has no AVX512_BF16");
-  TORCH_CHECK(q.device().is_cpu() && k_buf.device().is_cpu() && v_buf.device().is_cpu(),
-              "shared_decode_attention: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k_buf.scalar_type() == at::kBFloat16 && v_buf.scalar_type() == at::kBFloat16,
-              "shared_decode_attention: bf16 q, k and v");
-  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3 && q.is_contiguous() && k_buf.is_contiguous() &&
-                  v_buf.is_contiguous(),
-              "shared_decode_attention: contiguous q [T, H, D], k/v buffers [N, Hkv, D]");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_buf.size(1), Dv = v_buf.size(2);
-  TORCH_CHECK(k_buf.size(2) == D && v_buf.size(1) == Hkv && H % Hkv == 0 && H / Hkv <= 16, "shared_decode_attention: head shapes");
-  TORCH_CHECK(D % 2 == 0 && Dv % 16 == 0 && (Dv <= 128 || Dv == 256),
-              "shared_decode_attention: head dims must be even (q, k) and a multiple of 16 up to 128, or 256 (v)");
-  const at::Tensor tok = token_idx.to(at::kLong).contiguous(), idx = kv_idx.to(at::kLong).contiguous();
-  const at::Tensor pre = prefix_lens.to(at::kLong).contiguous(), own = own_lens.to(at::kLong).contiguous();
-  TORCH_CHECK(tok.dim() == 2 && own.sizes() == tok.sizes() && idx.dim() == 2 && idx.size(0) == tok.size(0) &&
-                  pre.numel() == tok.size(0),
-              "shared_decode_attention: token_idx / own_lens [Gn, Kmax], kv_idx [Gn, Lmax], prefix_lens [Gn]");
-  const int64_t Gn = tok.size(0), Kmax = tok.size(1), Lmax = idx.size(1), G = H / Hkv;
-  const int64_t *tp = tok.data_ptr<int64_t>(), *ip = idx.data_ptr<int64_t>(), *pp = pre.data_ptr<int64_t>(),
-                *op = own.data_ptr<int64_t>();
-  for (int64_t g = 0; g < Gn; ++g) {  // every index checked here, once: the kernel trusts them
-    int64_t keys = pp[g];
-    TORCH_CHECK(pp[g] > 0, "shared_decode_attention: prefix_lens[", g, "] must be positive");
-    for (int64_t j = 0; j < Kmax; ++j) {
-      TORCH_CHECK(op[g * Kmax + j] >= 0 && (op[g * Kmax + j] == 0 || (tp[g * Kmax + j] >= 0 && tp[g * Kmax + j] < T)),
-                  "shared_decode_attention: member ", j, " of group ", g, ": bad own length or query token");
-      keys += op[g * Kmax + j];
-    }
-    TORCH_CHECK(keys <= Lmax, "shared_decode_attention: group ", g, " holds ", keys, " keys, kv_idx has ", Lmax);
-    for (int64_t c = 0; c < keys; ++c)
-      TORCH_CHECK(ip[g * Lmax + c] >= 0 && ip[g * Lmax + c] < k_buf.size(0), "shared_decode_attention: slot out of range");
-  }
-  at::Tensor out = at::zeros({Gn * Kmax, H, Dv}, q.options());
-  if (Gn == 0 || T == 0) return out;
-  const SpanTask base{reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(k_buf.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(v_buf.data_ptr<at::BFloat16>()), nullptr, nullptr, 0, 0, H, Hkv,
-                      D, Dv, static_cast<float>(scale)};
-  // Tasks: (group, KV head, a chunk of members whose rows fit the state arrays).
-  const int64_t chunk = kSharedMaxRows / G;
-  struct Task { int64_t g, h, m0, m1; };
-  std::vector<Task> tasks;
-  for (int64_t g = 0; g < Gn; ++g) {
-    int64_t members = 0;
-    while (members < Kmax && op[g * Kmax + members] > 0) ++members;
-    for (int64_t m0 = 0; m0 < members; m0 += chunk)
-      for (int64_t h = 0; h < Hkv; ++h) tasks.push_back({g, h, m0, std::min(members, m0 + chunk)});
-  }
-  uint16_t* out_p = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    std::vector<uint32_t> kt(D / 2 * kKeyBlock), vt(kKeyBlock / 2 * Dv);
-    std::vector<float> acc(kSharedMaxRows * Dv);
-    for (int64_t c = next.fetch_add(1); c < static_cast<int64_t>(tasks.size()); c = next.fetch_add(1)) {
-      const Task& k = tasks[c];
-      const SharedGroup sg{base.q, tp + k.g * Kmax, ip + k.g * Lmax, op + k.g * Kmax, out_p + k.g * Kmax * H * Dv,
-                           pp[k.g], Kmax};
-      switch (Dv / 16) {
-        case 1: shared_group_task<1>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 2: shared_group_task<2>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 3: shared_group_task<3>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 4: shared_group_task<4>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 5: shared_group_task<5>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 6: shared_group_task<6>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 7: shared_group_task<7>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        case 8: shared_group_task<8>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-        default: shared_group_task<16>(base, sg, k.h, k.m0, k.m1, kt, vt, acc); break;
-      }
-    }
-  };
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
-  if (workers <= 1 || at::in_parallel_region())
-    worker();
-  else
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(); });
-  return out;
-}
+// ---- prompt-span and shared-prefix attention: cpu_flash_attention.cpp ---------------------------------
 
 // ---- decode attention, reading the KV pool in place --------------------------------------------------
 //
@@ -1593,11 +1182,7 @@ TORCH_LIBRARY(radixlm_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scales, int group, Tensor? bias, int dense_above) -> Tensor");
   m.def("bf16_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
   m.def("f32_block_linear(Tensor x, Tensor blocks, int N, int K, Tensor? bias) -> Tensor");
-  m.def("span_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, int prefix, float scale) -> Tensor");
   m.def("isa_level(int request) -> int", &isa_level);  // no tensors: one kernel for every dispatch key
-  m.def(
-      "shared_decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor token_idx, Tensor kv_idx, Tensor prefix_lens, "
-      "Tensor own_lens, float scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_idx, Tensor seq_lens, float scale) -> Tensor");
 }
 
@@ -1606,7 +1191,5 @@ TORCH_LIBRARY_IMPL(radixlm_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_block_linear", &bf16_block_linear);
   m.impl("f32_block_linear", &f32_block_linear);
-  m.impl("span_attention", &span_attention);
   m.impl("decode_attention", &decode_attention);
-  m.impl("shared_decode_attention", &shared_decode_attention);
 }

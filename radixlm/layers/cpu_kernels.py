@@ -1,7 +1,8 @@
 """radixlm's own x86 CPU kernels, built on first use: weight-only int8 / int4 linears, a streaming bf16
 linear for decode (packed_linear.py), the decode attention that reads the KV pool in place
-(cpu_kernels.cpp; attention_backends/torch_backend.py), and
-RMSNorm and rotary in one call each (cpu_elementwise.cpp; norm.py, rotary.py). Both include cpu_simd.h.
+(cpu_kernels.cpp; attention_backends/torch_backend.py), flash attention for prompt spans and shared-prefix
+decodes over the pool in place (cpu_flash_attention.cpp), and RMSNorm and rotary in one call each
+(cpu_elementwise.cpp; norm.py, rotary.py). All include cpu_simd.h.
 
 They need AVX2 + FMA and use AVX-512 (int8) and AVX512_BF16 (int4 with bf16 activations) where the CPU has
 them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx512|avx512_bf16` (or
@@ -15,7 +16,7 @@ them: the C++ picks the best level at run time; `RADIXLM_CPU_KERNEL_ISA=avx2|avx
 Without them int8.py / int4.py use torch's kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
 and the torch attention backend gathers each history for SDPA.
 
-The build (torch.utils.cpp_extension.load, two source files, ~50 s on 2 cores) happens once per machine and
+The build (torch.utils.cpp_extension.load, three source files, ~60 s on 2 cores) happens once per machine and
 torch version: it is cached under torch's extensions folder ($TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions), and a changed source rebuilds it. Concurrent first uses wait on torch's own
 lock in that folder.
@@ -46,7 +47,10 @@ logger = logging.getLogger(__name__)
 ENV_SWITCH = "RADIXLM_CPU_KERNELS"
 ENV_ISA = "RADIXLM_CPU_KERNEL_ISA"
 ISA_NAMES = ("avx2", "avx512", "avx512_bf16")  # the C++ levels 0, 1, 2
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_elementwise.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("cpu_kernels.cpp", "cpu_elementwise.cpp", "cpu_flash_attention.cpp")
+]
 # At or below this many activation rows the register kernels run; above it the weight is dequantized a
 # block of rows at a time into at::mm (float32 sgemm). Measured on the AVX2 EPYC, 1 thread, 24 linears of
 # the 0.5B shape, ms (kernel / dequantized sgemm / torch's kernel): int4 M=32 183 / 237 / 240,
@@ -167,14 +171,17 @@ def decode_attention_ok() -> bool:
 SPAN_ATTENTION = True
 
 
-def span_attention_ok() -> bool:
-    """Whether the torch attention backend may attend bf16 prompt spans with `span_attention`: built,
-    switched on, and the CPU (or the pinned level) has AVX512_BF16, which its two products are made of."""
+def span_attention_ok(dtype: torch.dtype) -> bool:
+    """Whether the torch attention backend may attend prompt spans and shared-prefix decodes of a `dtype`
+    pool with cpu_flash_attention.cpp's kernels: built, switched on, and the CPU (or the pinned level) has
+    what their products are made of: AVX512_BF16 for bf16, AVX-512 for float32."""
+    need = {torch.bfloat16: "avx512_bf16", torch.float32: "avx512"}.get(dtype)
     return (
-        SPAN_ATTENTION
+        need is not None
+        and SPAN_ATTENTION
         and ops() is not None
         and bool(_isa_now)
-        and _isa_now[0] >= ISA_NAMES.index("avx512_bf16")
+        and _isa_now[0] >= ISA_NAMES.index(need)
     )
 
 

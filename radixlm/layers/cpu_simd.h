@@ -1,10 +1,26 @@
-// AVX2 helpers shared by radixlm's CPU kernels (cpu_kernels.cpp, cpu_elementwise.cpp).
+// What radixlm's CPU kernels share (cpu_kernels.cpp, cpu_elementwise.cpp, cpu_flash_attention.cpp): AVX2
+// helpers, the instruction-set levels and the attributes that compile a function for one.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <cstdint>
+
+// AVX-512 code is compiled for these targets by attribute (the build's flags stay AVX2) and runs only
+// where current_isa() says.
+#define RADIXLM_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define RADIXLM_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define RADIXLM_INLINE inline __attribute__((always_inline))
+
 namespace radixlm_simd {
+
+// Instruction-set levels, lowest first.
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+// The level in use: what the CPU has, capped by the isa_level op (tests and benchmarks pin a lower one).
+// Defined once, in cpu_kernels.cpp, for every source file of the extension.
+int64_t current_isa();
 
 // The sum of a vector's 8 lanes.
 inline float hsum(__m256 v) {

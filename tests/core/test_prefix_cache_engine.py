@@ -34,8 +34,9 @@ def _run(core: EngineCore, prompts, params=GREEDY, stagger=0) -> dict:
 
 def _count_shared_decode_steps(monkeypatch) -> list[int]:
     """Spy on the torch backend: one entry per step that grouped decodes sharing a cached prefix. The
-    in-place decode kernel is switched off: with it, a float32 pool is not grouped
-    (TorchAttnBackend._groups_pay), and these float32 tests are here for the grouped path."""
+    in-place decode kernel is switched off: with it, a float32 pool is grouped only where the float32 flash
+    kernel runs (TorchAttnBackend._groups_pay; a CPU with AVX-512), and these float32 tests are here for
+    the grouped path on every CPU."""
     from radixlm.layers import cpu_kernels
     from radixlm.layers.attention_backends import torch_backend
 

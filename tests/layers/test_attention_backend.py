@@ -233,13 +233,14 @@ def _check_shared(
     softcap: float | None = None,
     seed: int = 0,
     decode_kernel: bool = False,
+    flash_kernel: bool = False,
 ) -> None:
     """groups: (shared prefix length, [own tokens of each member]) -- every member holds the same slots for
     the prefix, as the radix cache hands them out, then `own` private tokens whose last one decodes now.
-    extra_spans: unrelated (prefix, extend) spans in the same step. The pool is float32, which the backend
-    groups only where the in-place decode kernel is off (TorchAttnBackend._groups_pay): by default it is,
-    so these tests check the torch form of the groups (the one CUDA, fp8 pools and bf16 layers the flash
-    kernel does not take run)."""
+    extra_spans: unrelated (prefix, extend) spans in the same step. The pool is float32; by default both
+    CPU kernels are off (the in-place decode kernel and the flash kernels, cpu_flash_attention.cpp), so
+    these tests check the torch form of the groups (the one CUDA, fp8 pools and layers the flash kernel
+    does not take run)."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     pool = _pool(512, page_size, 1, Hkv)
@@ -274,8 +275,8 @@ def _check_shared(
     seqs = [seqs[i] for i in order]
     total = sum(e for _, _, e, _, _ in seqs)
     backend = TorchAttnBackend(min_shared_prefix=min_shared_prefix)
-    kernel_was = cpu_kernels.DECODE_ATTENTION
-    cpu_kernels.DECODE_ATTENTION = decode_kernel
+    kernels_were = cpu_kernels.DECODE_ATTENTION, cpu_kernels.SPAN_ATTENTION
+    cpu_kernels.DECODE_ATTENTION, cpu_kernels.SPAN_ATTENTION = decode_kernel, flash_kernel
     try:
         fb = ForwardBatch.from_spans(
             input_ids=[0] * total,
@@ -296,7 +297,7 @@ def _check_shared(
         scaling = D**-0.5
         out = backend.forward(q, fb, layer_id=0, scaling=scaling, sliding_window=window, softcap=softcap)
     finally:
-        cpu_kernels.DECODE_ATTENTION = kernel_was
+        cpu_kernels.DECODE_ATTENTION, cpu_kernels.SPAN_ATTENTION = kernels_were
     start = 0
     for _, p, e, k, v in seqs:
         ref = _reference(q[start : start + e], k, v, p, scaling, window, softcap)
@@ -309,10 +310,26 @@ def test_shared_prefix_decodes_form_one_group() -> None:
 
 
 @pytest.mark.skipif(not cpu_kernels.decode_attention_ok(), reason="radixlm's CPU kernels did not build here")
-def test_a_float32_pool_with_the_decode_kernel_is_not_grouped() -> None:
-    """float32 has no shared-decode kernel, and the torch form of a group measured slower than the in-place
-    decode kernel (TorchAttnBackend._groups_pay): the same decodes attend one by one, and are still right."""
+def test_a_float32_pool_with_the_decode_kernel_but_no_flash_kernel_is_not_grouped() -> None:
+    """Without the shared-decode kernel, the torch form of a float32 group measured slower than the
+    in-place decode kernel (TorchAttnBackend._groups_pay): the same decodes attend one by one, and are
+    still right."""
     _check_shared([(12, [1, 3, 2, 5])], expect_groups=0, decode_kernel=True)
+
+
+@pytest.mark.skipif(
+    not cpu_kernels.span_attention_ok(torch.float32), reason="no float32 flash kernel here (needs AVX-512)"
+)
+def test_a_float32_pool_with_the_flash_kernel_is_grouped() -> None:
+    """With the float32 shared-decode kernel the group reads its prefix once, next to prompt spans the
+    span kernel attends, and every row is still right."""
+    _check_shared(
+        [(70, [1, 3, 2, 5]), (12, [2, 1])],
+        extra_spans=[(9, 1), (0, 5), (3, 4)],
+        expect_groups=2,
+        decode_kernel=True,
+        flash_kernel=True,
+    )
 
 
 def test_shared_groups_next_to_singles_and_prompt_spans() -> None:

@@ -1,7 +1,7 @@
-"""radixlm_cpu::shared_decode_attention, the bf16 kernel for decodes that share a cached prefix
-(layers/cpu_kernels.cpp; groups from attention_backends/shared_prefix.py): each member against a float64
-reference of its own history, over groups that span several tasks, own keys on and off the 64-key blocks
-and padding members; what it refuses; and the torch backend's use of it for bf16 shared groups."""
+"""radixlm_cpu::shared_decode_attention, the bf16 / float32 kernel for decodes that share a cached prefix
+(layers/cpu_flash_attention.cpp; groups from attention_backends/shared_prefix.py): each member against a
+float64 reference of its own history, over groups that span several tasks, own keys on and off the 64-key
+blocks and padding members; what it refuses; and the torch backend's use of it for shared groups."""
 
 from __future__ import annotations
 
@@ -15,12 +15,22 @@ from radixlm.model.forward_batch import ForwardBatch
 from tests.kernel_utils import CountingOps
 from tests.kv_utils import HandPool, HandRows
 
+_NO_KERNELS = cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None
 pytestmark = pytest.mark.skipif(
-    cpu_kernels.disabled_by_env()
-    or cpu_kernels.ops() is None
-    or "avx512_bf16" not in cpu_kernels.available_isas(),
-    reason="shared_decode_attention needs radixlm's CPU kernels on a CPU with AVX512_BF16",
+    _NO_KERNELS or "avx512" not in cpu_kernels.available_isas(),
+    reason="shared_decode_attention needs radixlm's CPU kernels on a CPU with AVX-512",
 )
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        _NO_KERNELS or "avx512_bf16" not in cpu_kernels.available_isas(),
+        reason="bf16 shared_decode_attention needs a CPU with AVX512_BF16",
+    ),
+    id="bf16",
+)
+DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
+SLACK = {torch.bfloat16: 2**-8, torch.float32: 2**-20}  # an ulp of the output
+ROUNDING = {torch.bfloat16: 2**-6, torch.float32: 1e-5}  # two computations of one row in the dtype
 
 
 def _groups(g: torch.Generator, spec: list[tuple[int, list[int]]], kmax: int, n_slots: int, T: int):
@@ -67,22 +77,24 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("spec", "H", "Hkv", "D"), CASES)
-def test_shared_decode_attention_matches_each_members_own_attention(spec, H, Hkv, D) -> None:
-    """Within twice the error of torch's bf16 SDPA per member (plus an ulp of the output); padding rows 0."""
+def test_shared_decode_attention_matches_each_members_own_attention(spec, H, Hkv, D, dtype) -> None:
+    """Within twice the error of torch's SDPA in the dtype per member (plus an ulp of the output); padding
+    rows 0."""
     g = torch.Generator().manual_seed(H * 7 + len(spec))
     kmax = max(len(owns) for _, owns in spec) + 1  # one padding member per group at least
     n_slots = sum(p + sum(owns) for p, owns in spec) + 17
-    k_buf = torch.randn(n_slots, Hkv, D, generator=g).to(torch.bfloat16)
-    v_buf = torch.randn(n_slots, Hkv, D, generator=g).to(torch.bfloat16)
+    k_buf = torch.randn(n_slots, Hkv, D, generator=g).to(dtype)
+    v_buf = torch.randn(n_slots, Hkv, D, generator=g).to(dtype)
     T = sum(len(owns) for _, owns in spec) + 5
-    q = (2 * torch.randn(T, H, D, generator=g)).to(torch.bfloat16)
+    q = (2 * torch.randn(T, H, D, generator=g)).to(dtype)
     token_idx, kv_idx, prefix_lens, own_lens, members = _groups(g, spec, kmax, n_slots, T)
     scale = D**-0.5
     out = cpu_kernels.ops().shared_decode_attention(
         q, k_buf, v_buf, token_idx, kv_idx, prefix_lens, own_lens, scale
     )
-    assert out.shape == (len(spec) * kmax, H, D) and out.dtype == torch.bfloat16
+    assert out.shape == (len(spec) * kmax, H, D) and out.dtype == dtype
     real = set()
     for gi, j, tok, slots in members:
         real.add(gi * kmax + j)
@@ -90,7 +102,7 @@ def test_shared_decode_attention_matches_each_members_own_attention(spec, H, Hkv
         sdpa = _attend(q[tok], k_buf[slots], v_buf[slots], scale)
         err = (out[gi * kmax + j].double() - ref).abs().max().item()
         sdpa_err = (sdpa.double() - ref).abs().max().item()
-        assert err <= 2 * sdpa_err + 2**-8, f"group {gi} member {j}: {err:.3g}, bf16 SDPA's {sdpa_err:.3g}"
+        assert err <= 2 * sdpa_err + SLACK[dtype], f"group {gi} member {j}: {err:.3g}, SDPA's {sdpa_err:.3g}"
     padding = [r for r in range(out.shape[0]) if r not in real]
     assert padding and not out[padding].any()
 
@@ -112,27 +124,31 @@ def test_shared_decode_attention_refuses_bad_indices() -> None:
         ops.shared_decode_attention(
             q, k_buf, k_buf, torch.tensor([[0, 3]]), idx, torch.tensor([4]), own, 0.125
         )
-    with pytest.raises(RuntimeError, match="bf16 q, k and v"):
+    with pytest.raises(RuntimeError, match="all bf16 or all float32"):
         ops.shared_decode_attention(q.float(), k_buf, k_buf, tok, idx, torch.tensor([4]), own, 0.125)
+    with cpu_kernels.pinned_isa("avx2"), pytest.raises(RuntimeError, match="AVX-512"):
+        ops.shared_decode_attention(
+            q.float(), k_buf.float(), k_buf.float(), tok, idx, torch.tensor([4]), own, 0.1
+        )
 
 
-def _shared_step(groups: list[tuple[int, list[int]]], H: int, Hkv: int, D: int, seed: int = 0):
-    """One bf16 decode step whose members share their group's prefix slots (as the radix cache hands
-    them out) through TorchAttnBackend -> (out, q, each span's k / v history, the ForwardBatch)."""
+def _shared_step(
+    groups: list[tuple[int, list[int]]], H: int, Hkv: int, D: int, seed: int = 0, dtype=torch.bfloat16
+):
+    """One decode step whose members share their group's prefix slots (as the radix cache hands them
+    out) through TorchAttnBackend -> (out, q, each span's k / v history, the ForwardBatch)."""
     g = torch.Generator().manual_seed(seed)
-    pool = HandPool(
-        capacity=1024, page_size=1, num_layers=1, num_kv_heads=Hkv, head_dim=D, dtype=torch.bfloat16
-    )
+    pool = HandPool(capacity=1024, page_size=1, num_layers=1, num_kv_heads=Hkv, head_dim=D, dtype=dtype)
     req = HandRows(32, 512)
     rows, lens, hist = [], [], []
     for prefix, owns in groups:
-        pk = torch.randn(prefix, Hkv, D, generator=g).to(torch.bfloat16)
-        pv = torch.randn(prefix, Hkv, D, generator=g).to(torch.bfloat16)
+        pk = torch.randn(prefix, Hkv, D, generator=g).to(dtype)
+        pv = torch.randn(prefix, Hkv, D, generator=g).to(dtype)
         pslots = pool.alloc(prefix)
         pool.write(0, pslots, pk, pv)
         for own in owns:
-            ok = torch.randn(own, Hkv, D, generator=g).to(torch.bfloat16)
-            ov = torch.randn(own, Hkv, D, generator=g).to(torch.bfloat16)
+            ok = torch.randn(own, Hkv, D, generator=g).to(dtype)
+            ov = torch.randn(own, Hkv, D, generator=g).to(dtype)
             slots = pool.alloc(own)
             pool.write(0, slots, ok, ov)
             rows.append(req.alloc())
@@ -152,24 +168,27 @@ def _shared_step(groups: list[tuple[int, list[int]]], H: int, Hkv: int, D: int, 
         attn_backend=TorchAttnBackend(),
         device=torch.device("cpu"),
     )
-    q = (2 * torch.randn(len(rows), H, D, generator=g)).to(torch.bfloat16)
+    q = (2 * torch.randn(len(rows), H, D, generator=g)).to(dtype)
     out = fb.attn_backend.forward(q, fb, layer_id=0, scaling=D**-0.5, sliding_window=None, softcap=None)
     return out, q, hist, fb
 
 
-def test_the_torch_backend_attends_bf16_shared_groups_with_the_kernel(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_torch_backend_attends_shared_groups_with_the_kernel(monkeypatch, dtype) -> None:
     """Two groups (and the kernel called once for both); every member's row is its own attention up to
-    bf16 rounding; SPAN_ATTENTION off takes the padded SDPA path, with the same rows up to rounding."""
+    rounding; SPAN_ATTENTION off takes another path (bf16: the padded SDPA form; float32: ungrouped, the
+    in-place decode kernel), with the same rows up to rounding."""
     groups = [(80, [1, 4, 2]), (100, [3, 1])]
     counting = CountingOps("shared_decode_attention", lambda q, k, v, token_idx, *rest: token_idx.shape[0])
     ops = cpu_kernels.ops
     monkeypatch.setattr(cpu_kernels, "ops", lambda: counting)
-    with_kernel, q, hist, fb = _shared_step(groups, 14, 2, 64)
+    with_kernel, q, hist, fb = _shared_step(groups, 14, 2, 64, dtype=dtype)
     assert fb.attn_metadata.shared is not None and counting.calls == [2]
     for i, (k, v) in enumerate(hist):
         ref = _attend(q[i].double(), k.double(), v.double(), 64**-0.5)
-        assert (with_kernel[i].double() - ref).abs().max().item() <= 2**-6
+        assert (with_kernel[i].double() - ref).abs().max().item() <= ROUNDING[dtype]
     monkeypatch.setattr(cpu_kernels, "ops", ops)
     monkeypatch.setattr(cpu_kernels, "SPAN_ATTENTION", False)
-    without, *_ = _shared_step(groups, 14, 2, 64)
-    assert (with_kernel.float() - without.float()).abs().max().item() <= 2**-6
+    without, _, _, fb = _shared_step(groups, 14, 2, 64, dtype=dtype)
+    assert (fb.attn_metadata.shared is None) == (dtype == torch.float32)
+    assert (with_kernel.float() - without.float()).abs().max().item() <= ROUNDING[dtype]

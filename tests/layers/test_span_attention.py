@@ -1,7 +1,7 @@
-"""radixlm_cpu::span_attention, the bf16 prompt-span flash attention that reads the KV pool in place
-(layers/cpu_kernels.cpp): against a float64 reference on scattered slots; a prompt split into a cached
-prefix and the rest, or into chunks, gives every query the same bits as the prompt computed whole; what it
-refuses; and the torch backend's choice of it (and of SDPA where it does not apply)."""
+"""radixlm_cpu::span_attention, the bf16 / float32 prompt-span flash attention that reads the KV pool in
+place (layers/cpu_flash_attention.cpp): against a float64 reference on scattered slots; a prompt split into
+a cached prefix and the rest, or into chunks, gives every query the same bits as the prompt computed whole;
+what it refuses; and the torch backend's choice of it (and of SDPA where it does not apply)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,29 @@ from radixlm.model.forward_batch import ForwardBatch
 from tests.kernel_utils import CountingOps
 from tests.kv_utils import HandPool, HandRows
 
-needs_span_kernel = pytest.mark.skipif(
-    cpu_kernels.disabled_by_env()
-    or cpu_kernels.ops() is None
-    or "avx512_bf16" not in cpu_kernels.available_isas(),
-    reason="span_attention needs radixlm's CPU kernels on a CPU with AVX512_BF16",
+_NO_KERNELS = cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None
+pytestmark = pytest.mark.skipif(
+    _NO_KERNELS or "avx512" not in cpu_kernels.available_isas(),
+    reason="span_attention needs radixlm's CPU kernels on a CPU with AVX-512",
 )
-pytestmark = needs_span_kernel
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        _NO_KERNELS or "avx512_bf16" not in cpu_kernels.available_isas(),
+        reason="bf16 span_attention needs a CPU with AVX512_BF16",
+    ),
+    id="bf16",
+)
+DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
+# Allowed error beyond twice torch's own SDPA's on the same inputs: an ulp of the output.
+SLACK = {torch.bfloat16: 2**-8, torch.float32: 2**-20}
 
 
 def _pool_rows(
-    g: torch.Generator, n_slots: int, Hkv: int, D: int, Dv: int
+    g: torch.Generator, n_slots: int, Hkv: int, D: int, Dv: int, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    k = torch.randn(n_slots, Hkv, D, generator=g).to(torch.bfloat16)
-    v = torch.randn(n_slots, Hkv, Dv, generator=g).to(torch.bfloat16)
+    k = torch.randn(n_slots, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(n_slots, Hkv, Dv, generator=g).to(dtype)
     return k, v
 
 
@@ -59,17 +68,18 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_span_attention_matches_the_float64_reference(shape) -> None:
-    """Within the error of torch's own bf16 SDPA on the same inputs (plus an ulp of the output)."""
+def test_span_attention_matches_the_float64_reference(shape, dtype) -> None:
+    """Within the error of torch's own SDPA in that dtype on the same inputs (plus an ulp of the output)."""
     n, prefix, H, Hkv, D, Dv = shape
     g = torch.Generator().manual_seed(n * 31 + prefix)
-    k_buf, v_buf = _pool_rows(g, 3 * (prefix + n) + 11, Hkv, D, Dv)
+    k_buf, v_buf = _pool_rows(g, 3 * (prefix + n) + 11, Hkv, D, Dv, dtype)
     kv_idx = torch.randperm(k_buf.shape[0], generator=g)[: prefix + n]
-    q = (2 * torch.randn(n, H, D, generator=g)).to(torch.bfloat16)
+    q = (2 * torch.randn(n, H, D, generator=g)).to(dtype)
     scale = D**-0.5
     got = cpu_kernels.ops().span_attention(q, k_buf, v_buf, kv_idx, prefix, scale)
-    assert got.shape == (n, H, Dv) and got.dtype == torch.bfloat16
+    assert got.shape == (n, H, Dv) and got.dtype == dtype
     ref = _reference(q, k_buf, v_buf, kv_idx, prefix, scale)
     mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(prefix)
     sdpa = F.scaled_dot_product_attention(
@@ -82,18 +92,19 @@ def test_span_attention_matches_the_float64_reference(shape) -> None:
     )[0].transpose(0, 1)
     sdpa_err = (sdpa.double() - ref).abs().max().item()
     err = (got.double() - ref).abs().max().item()
-    assert err <= 2 * sdpa_err + 2**-8, f"max error {err:.3g}, bf16 SDPA's {sdpa_err:.3g}"
+    assert err <= 2 * sdpa_err + SLACK[dtype], f"max error {err:.3g}, SDPA's {sdpa_err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Hkv", [1, 2])
-def test_a_query_gets_the_same_bits_however_its_prompt_is_split(Hkv) -> None:
+def test_a_query_gets_the_same_bits_however_its_prompt_is_split(Hkv, dtype) -> None:
     """The prefix cache and chunked prefill split a prompt anywhere: each query's row depends only on its
     position and history (whole 64-key blocks from key 0, the rest masked), never on the span it is in."""
     L, H, D = 150, 8, 64
     g = torch.Generator().manual_seed(Hkv)
-    k_buf, v_buf = _pool_rows(g, 400, Hkv, D, D)
+    k_buf, v_buf = _pool_rows(g, 400, Hkv, D, D, dtype)
     kv_idx = torch.randperm(400, generator=g)[:L]
-    q = torch.randn(L, H, D, generator=g).to(torch.bfloat16)
+    q = torch.randn(L, H, D, generator=g).to(dtype)
     ops = cpu_kernels.ops()
     whole = ops.span_attention(q, k_buf, v_buf, kv_idx, 0, D**-0.5)
     for cuts in ([1], [63, 64], [64], [100], [149], [17, 80, 130]):
@@ -105,35 +116,50 @@ def test_a_query_gets_the_same_bits_however_its_prompt_is_split(Hkv) -> None:
         assert torch.equal(torch.cat(parts), whole), f"split at {cuts}"
 
 
-def test_span_attention_refuses_what_it_was_not_built_for() -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_span_attention_refuses_what_it_was_not_built_for(dtype) -> None:
     ops = cpu_kernels.ops()
     g = torch.Generator().manual_seed(0)
-    k_buf, v_buf = _pool_rows(g, 20, 2, 64, 64)
-    q = torch.randn(4, 4, 64, generator=g).to(torch.bfloat16)
+    k_buf, v_buf = _pool_rows(g, 20, 2, 64, 64, dtype)
+    q = torch.randn(4, 4, 64, generator=g).to(dtype)
     idx = torch.arange(6)
-    with pytest.raises(RuntimeError, match="bf16 q, k and v"):
-        ops.span_attention(q.float(), k_buf, v_buf, idx, 2, 0.125)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(RuntimeError, match="all bf16 or all float32"):
+        ops.span_attention(q.to(other), k_buf, v_buf, idx, 2, 0.125)
+    with pytest.raises(RuntimeError, match="all bf16 or all float32"):
+        ops.span_attention(q.half(), k_buf.half(), v_buf.half(), idx, 2, 0.125)
     with pytest.raises(RuntimeError, match="prefix \\+ n = 6 slots, got 5"):
         ops.span_attention(q, k_buf, v_buf, idx[:5], 2, 0.125)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         ops.span_attention(q, k_buf, v_buf[:, :, :40].contiguous(), idx, 2, 0.125)
     with pytest.raises(RuntimeError, match="head shapes"):
-        ops.span_attention(torch.randn(4, 3, 64).to(torch.bfloat16), k_buf, v_buf, idx, 2, 0.125)
-    with cpu_kernels.pinned_isa("avx512"), pytest.raises(RuntimeError, match="AVX512_BF16"):
+        ops.span_attention(torch.randn(4, 3, 64).to(dtype), k_buf, v_buf, idx, 2, 0.125)
+    lower, needs = ("avx512", "AVX512_BF16") if dtype == torch.bfloat16 else ("avx2", "AVX-512")
+    with cpu_kernels.pinned_isa(lower), pytest.raises(RuntimeError, match=needs):
         ops.span_attention(q, k_buf, v_buf, idx, 2, 0.125)
 
 
-def _backend_step(spans, H, Hkv, D, *, window=None, softcap=None, seed=0):
-    """One bf16 ForwardBatch of (prefix, extend) prompt spans through TorchAttnBackend -> (out, q, ks, vs)."""
+def test_float32_span_attention_runs_at_the_avx512_level() -> None:
+    """float32 needs AVX-512 only: pinned below AVX512_BF16 it still runs, with the same bits."""
+    ops = cpu_kernels.ops()
+    g = torch.Generator().manual_seed(3)
+    k_buf, v_buf = _pool_rows(g, 90, 2, 64, 64, torch.float32)
+    q = torch.randn(20, 8, 64, generator=g)
+    idx = torch.randperm(90, generator=g)[:50]
+    top = ops.span_attention(q, k_buf, v_buf, idx, 30, 0.125)
+    with cpu_kernels.pinned_isa("avx512"):
+        assert torch.equal(ops.span_attention(q, k_buf, v_buf, idx, 30, 0.125), top)
+
+
+def _backend_step(spans, H, Hkv, D, *, window=None, softcap=None, seed=0, dtype=torch.bfloat16):
+    """One ForwardBatch of (prefix, extend) prompt spans through TorchAttnBackend -> (out, fb)."""
     g = torch.Generator().manual_seed(seed)
-    pool = HandPool(
-        capacity=512, page_size=1, num_layers=1, num_kv_heads=Hkv, head_dim=D, dtype=torch.bfloat16
-    )
+    pool = HandPool(capacity=512, page_size=1, num_layers=1, num_kv_heads=Hkv, head_dim=D, dtype=dtype)
     req = HandRows(8, 256)
     rows, new_slots, ks, vs = [], [], [], []
     for p, e in spans:
-        k = torch.randn(p + e, Hkv, D, generator=g).to(torch.bfloat16)
-        v = torch.randn(p + e, Hkv, D, generator=g).to(torch.bfloat16)
+        k = torch.randn(p + e, Hkv, D, generator=g).to(dtype)
+        v = torch.randn(p + e, Hkv, D, generator=g).to(dtype)
         rows.append(req.alloc())
         slots = pool.alloc(p + e)
         req.write(rows[-1], 0, slots)
@@ -154,25 +180,27 @@ def _backend_step(spans, H, Hkv, D, *, window=None, softcap=None, seed=0):
         attn_backend=TorchAttnBackend(),
         device=torch.device("cpu"),
     )
-    q = (2 * torch.randn(total, H, D, generator=g)).to(torch.bfloat16)
+    q = (2 * torch.randn(total, H, D, generator=g)).to(dtype)
     out = fb.attn_backend.forward(q, fb, layer_id=0, scaling=D**-0.5, sliding_window=window, softcap=softcap)
     return out, fb
 
 
-def test_the_torch_backend_attends_bf16_prompt_spans_with_the_kernel(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_torch_backend_attends_prompt_spans_with_the_kernel(monkeypatch, dtype) -> None:
     """Prompt spans (with and without a cached prefix, next to a decode) go to the kernel, and its rows are
-    those SDPA gives up to bf16 rounding; SPAN_ATTENTION off takes the SDPA path."""
+    those SDPA gives up to rounding; SPAN_ATTENTION off takes the SDPA path."""
     spans = [(0, 40), (70, 9), (12, 1)]
     counting = CountingOps("span_attention", lambda q, *rest: q.shape[0])
     ops = cpu_kernels.ops
     monkeypatch.setattr(cpu_kernels, "ops", lambda: counting)
-    with_kernel, fb = _backend_step(spans, 14, 2, 64)
+    with_kernel, fb = _backend_step(spans, 14, 2, 64, dtype=dtype)
     assert fb.attn_metadata.span_kernel and counting.calls == [40, 9]  # the decode goes to decode_attention
     monkeypatch.setattr(cpu_kernels, "ops", ops)
     monkeypatch.setattr(cpu_kernels, "SPAN_ATTENTION", False)
-    without, fb = _backend_step(spans, 14, 2, 64)
+    without, fb = _backend_step(spans, 14, 2, 64, dtype=dtype)
     assert not fb.attn_metadata.span_kernel
-    assert (with_kernel.float() - without.float()).abs().max().item() <= 2**-6
+    tolerance = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    assert (with_kernel.float() - without.float()).abs().max().item() <= tolerance
 
 
 @pytest.mark.parametrize(
@@ -203,7 +231,9 @@ def test_span_kernel_conditions() -> None:
     sp = torch_backend._ExtendSpan(0, 3, 0, torch.arange(3))
     plain, full = torch_backend._Scores(0.125), torch_backend._Window()
     assert torch_backend._span_kernel_ok(q, kb, kb, sp, plain, full)
-    assert not torch_backend._span_kernel_ok(q.float(), kb.float(), kb.float(), sp, plain, full)
+    assert torch_backend._span_kernel_ok(q.float(), kb.float(), kb.float(), sp, plain, full)
+    assert not torch_backend._span_kernel_ok(q.half(), kb.half(), kb.half(), sp, plain, full)
+    assert not torch_backend._span_kernel_ok(q.float(), kb, kb, sp, plain, full)
     assert not torch_backend._span_kernel_ok(q, kb.to(torch.float8_e4m3fn), kb, sp, plain, full)
     assert not torch_backend._span_kernel_ok(q, kb, kb, sp, plain, torch_backend._Window(chunk=8))
     assert not torch_backend._span_kernel_ok(

@@ -15,9 +15,9 @@ another wastes most of the work:
 - decodes that share a long cached prefix with other decodes form shared groups that read that prefix
   once (shared_prefix.py);
 - prompt spans are attended one at a time (a handful per step), each against its own history; a
-  one-token span over a prompt token is one of them, not a decode (ForwardBatch.prompt_singles). In bf16
-  on a CPU with AVX512_BF16, plain causal layers read the pool in place (`span_attention`, flash
-  attention); otherwise SDPA over the span's gathered K/V.
+  one-token span over a prompt token is one of them, not a decode (ForwardBatch.prompt_singles). With a
+  bf16 pool on a CPU with AVX512_BF16, or a float32 pool on one with AVX-512, plain causal layers read the
+  pool in place (`span_attention`, flash attention); otherwise SDPA over the span's gathered K/V.
 
 Everything is built once per step (`init_forward_metadata`); each layer only gathers its own K/V and runs
 one scaled-dot-product attention per group. No Python loop over tokens.
@@ -116,8 +116,8 @@ class TorchAttnMetadata:
     extends: list[_ExtendSpan]
     shared: SharedDecodeGroups | None = None
     bidirectional: BidirectionalPlan | None = None  # encoder layers' groups (bidirectional.py), on first use
-    # cpu_kernels' bf16 flash kernels (span_attention, shared_decode_attention) are built, switched on and
-    # have their ISA: asked once a step
+    # cpu_kernels' flash kernels (span_attention, shared_decode_attention) are built, switched on and
+    # have their ISA for the pool's dtype: asked once a step
     span_kernel: bool = False
 
 
@@ -140,9 +140,15 @@ class TorchAttnBackend(AttentionBackend):
             decode_ids = [i for i, n in enumerate(ext_list) if n == 1 and i not in singles]
         shared = None
         min_shared = self.min_shared_prefix
-        # radixlm's in-place decode kernel: asked once a step
-        decode_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.decode_attention_ok()
-        if min_shared is not None and len(decode_ids) > 1 and self._groups_pay(fb, decode_kernel):
+        # radixlm's in-place decode kernel and flash kernels (prompt spans, shared groups): asked once a step
+        on_cpu = fb.input_ids.device.type == "cpu"
+        decode_kernel = on_cpu and cpu_kernels.decode_attention_ok()
+        span_kernel = on_cpu and cpu_kernels.span_attention_ok(fb.kv_pool.k_buffers[0].dtype)
+        if (
+            min_shared is not None
+            and len(decode_ids) > 1
+            and self._groups_pay(fb, decode_kernel, span_kernel)
+        ):
             # Two decodes share min_shared cached tokens only if they hold the same slot at position
             # min_shared - 1 (a slot is written once, for one token path). When those slots all differ,
             # find_shared_groups would find nothing: one column of the host copy says so for less
@@ -157,8 +163,6 @@ class TorchAttnBackend(AttentionBackend):
         if decode_ids:
             decode = self._build_decode_group(fb, decode_ids)
             decode.kernel_ready = decode_kernel
-        # radixlm's bf16 flash kernels (prompt spans, shared groups): asked once a step
-        span_kernel = fb.input_ids.device.type == "cpu" and cpu_kernels.span_attention_ok()
         if pure_decode:
             fb.attn_metadata = TorchAttnMetadata(decode, [], shared, span_kernel=span_kernel)
             return
@@ -176,15 +180,16 @@ class TorchAttnBackend(AttentionBackend):
         fb.attn_metadata = TorchAttnMetadata(decode, extends, shared, span_kernel=span_kernel)
 
     @staticmethod
-    def _groups_pay(fb: ForwardBatch, decode_kernel: bool) -> bool:
-        """Whether decodes that share a prefix are worth grouping. A bf16 group runs cpu_kernels'
-        shared-decode kernel (the prefix read once); a float32 group has no such kernel and runs in torch
-        (its keys gathered, a mask, SDPA), which measured slower than the in-place decode kernel reading
-        every history where it lies: the 0.5B shape's fp32 shared-prefix workload (8 prefixes of 1,024
-        tokens, 64 decodes), decode steps 268-280 ms grouped against 236-242 ms, the run 37.1-40.1 s against
-        36.1-36.3 s. So a float32 pool on a CPU with that kernel is not grouped (a layer the kernel does not
-        take, e.g. softcapped, then decodes in torch's padded form instead)."""
-        return not decode_kernel or fb.kv_pool.k_buffers[0].dtype != torch.float32
+    def _groups_pay(fb: ForwardBatch, decode_kernel: bool, span_kernel: bool) -> bool:
+        """Whether decodes that share a prefix are worth grouping. Where cpu_kernels' shared-decode kernel
+        takes the pool's dtype (span_kernel: bf16 on AVX512_BF16, float32 on AVX-512), a group reads its
+        prefix once. A float32 group without it runs in torch (its keys gathered, a mask, SDPA), which
+        measured slower than the in-place decode kernel reading every history where it lies: the 0.5B
+        shape's fp32 shared-prefix workload (8 prefixes of 1,024 tokens, 64 decodes), decode steps 268-280
+        ms grouped against 236-242 ms, the run 37.1-40.1 s against 36.1-36.3 s. So such a float32 pool is
+        not grouped (a layer the kernel does not take, e.g. softcapped, then decodes in torch's padded form
+        instead)."""
+        return span_kernel or not decode_kernel or fb.kv_pool.k_buffers[0].dtype != torch.float32
 
     def _split_shared(
         self, fb: ForwardBatch, span_rows: list[int], decode_ids: list[int]
@@ -424,13 +429,15 @@ def _span_kernel_ok(
 def _flash_kernel_ok(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, opts: _Scores, window: _Window
 ) -> bool:
-    """Whether cpu_kernels' bf16 flash kernels (span_attention, shared_decode_attention) take this layer:
-    plain causal softmax attention (no softcap, sinks, window or chunk), bf16 queries and pool (not fp8),
-    and the head shapes they have registers for."""
+    """Whether cpu_kernels' flash kernels (span_attention, shared_decode_attention) take this layer: plain
+    causal softmax attention (no softcap, sinks, window or chunk), queries and pool of one dtype, bf16 or
+    float32 (not fp8), and the head shapes they have registers for. (Whether the CPU has the ISA for that
+    dtype: span_kernel, asked once a step.)"""
     H, D = q.shape[1], q.shape[2]
     Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
     return (
-        q.dtype == k_buf.dtype == v_buf.dtype == torch.bfloat16
+        q.dtype == k_buf.dtype == v_buf.dtype
+        and q.dtype in (torch.bfloat16, torch.float32)
         and not opts.explicit
         and window.full
         and k_buf.shape[2] == D
