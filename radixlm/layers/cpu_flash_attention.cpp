@@ -41,6 +41,9 @@ using radixlm_simd::kAvx512Bf16;
 #define RADIXLM_SPAN_KEY_BLOCK 64
 #endif
 constexpr int64_t kKeyBlock = RADIXLM_SPAN_KEY_BLOCK;  // bf16's: a multiple of 32
+#ifndef RADIXLM_BF16_ROWS
+#define RADIXLM_BF16_ROWS 2
+#endif
 // float32's (F32Pool below says why; -D to try others)
 #ifndef RADIXLM_F32_KEY_BLOCK
 #define RADIXLM_F32_KEY_BLOCK 32
@@ -105,12 +108,13 @@ void prefetch_keys(const SpanTask<T>& t, int64_t h, int64_t k0, int64_t k1) {
 // 2 x kKeyBlock/16 (q . k) and 2 x Dv/16 (p . V) independent chains in flight. Every accumulator is picked
 // by compile-time indices only: picking q . k's by the pair index's parity (two chains a vector) put them
 // on the stack, and the kernel ran ~160 GFLOP/s against ~250 in registers (2-core Zen 4, 14 heads over 2
-// KV heads, 64-1024 queries over up to 1,088 keys). Four rows spill (~230). Of what is left, exp16 is ~15%
-// and packing ~8%.
+// KV heads, 64-1024 queries over up to 1,088 keys). Four rows spilled (~230) in the first form of this code;
+// in this one (RADIXLM_BF16_ROWS=3 or 4) they measured within the host's noise of two. Of what is left,
+// exp16 is ~15% and packing ~8%.
 struct Bf16Pool {
   static constexpr int64_t kKeys = kKeyBlock;  // keys a packed block
   static constexpr int kVecs = kKeys / 16;     // score vectors a row and block
-  static constexpr int kRows = 2;              // query rows a call of the row kernel
+  static constexpr int kRows = RADIXLM_BF16_ROWS;  // query rows a call of the row kernel
   using Elem = uint16_t;
   using Lane = uint32_t;  // two bf16 values
   static constexpr int64_t kPerLane = 2;
@@ -203,9 +207,11 @@ struct F32Pool {
 
   static const Lane* lanes(const Elem* p) { return p; }
 
-  // Keys past `keys` are zeros (their scores are masked off anyway). K goes in by 16 x 16 tiles, each
-  // transposed in registers: the scalar transpose (a load and a store a value) was half of a shared-prefix
-  // decode's attention time (8 groups of 8 members over 1,024 shared keys, 14 heads over 2 KV heads).
+  // Keys past `keys` are zeros (their scores are masked off anyway). Packing was half of a shared-prefix
+  // decode's attention time (8 groups of 8 members over 1,024 shared keys on scattered slots, 14 heads
+  // over 2 KV heads: 3.1 ms, 1.55 without it): a scalar transpose (a load and a store a value) and DRAM
+  // reads of rows the prefetchers cannot predict. Now K goes in by 16 x 16 tiles transposed in registers,
+  // and the next block's rows are asked for first: 2.8-3.2 ms on the same call.
   RADIXLM_AVX512 static void pack(const SpanTask<Elem>& t, int64_t h, int64_t k0, int64_t keys, Lane* kt, Lane* vt) {
     prefetch_keys(t, h, k0 + kKeys, std::min(keys, k0 + 2 * kKeys));  // the next block's
     for (int64_t c0 = 0; c0 < kKeys; c0 += 16) {
