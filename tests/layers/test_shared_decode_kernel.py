@@ -12,24 +12,12 @@ import torch.nn.functional as F
 from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
-from tests.kernel_utils import CountingOps
+from tests.kernel_utils import FLASH_SLACK, CountingOps, flash_dtypes, needs_flash_kernels
 from tests.kv_utils import HandPool, HandRows
 
-_NO_KERNELS = cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None
-pytestmark = pytest.mark.skipif(
-    _NO_KERNELS or "avx512" not in cpu_kernels.available_isas(),
-    reason="shared_decode_attention needs radixlm's CPU kernels on a CPU with AVX-512",
-)
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        _NO_KERNELS or "avx512_bf16" not in cpu_kernels.available_isas(),
-        reason="bf16 shared_decode_attention needs a CPU with AVX512_BF16",
-    ),
-    id="bf16",
-)
-DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
-SLACK = {torch.bfloat16: 2**-8, torch.float32: 2**-20}  # an ulp of the output
+pytestmark = needs_flash_kernels("shared_decode_attention")
+DTYPES = flash_dtypes("shared_decode_attention")
+SLACK = FLASH_SLACK
 ROUNDING = {torch.bfloat16: 2**-6, torch.float32: 1e-5}  # two computations of one row in the dtype
 
 

@@ -13,25 +13,12 @@ from radixlm.layers import cpu_kernels
 from radixlm.layers.attention_backends import torch_backend
 from radixlm.layers.attention_backends.torch_backend import TorchAttnBackend
 from radixlm.model.forward_batch import ForwardBatch
-from tests.kernel_utils import CountingOps
+from tests.kernel_utils import FLASH_SLACK, CountingOps, flash_dtypes, needs_flash_kernels
 from tests.kv_utils import HandPool, HandRows
 
-_NO_KERNELS = cpu_kernels.disabled_by_env() or cpu_kernels.ops() is None
-pytestmark = pytest.mark.skipif(
-    _NO_KERNELS or "avx512" not in cpu_kernels.available_isas(),
-    reason="span_attention needs radixlm's CPU kernels on a CPU with AVX-512",
-)
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        _NO_KERNELS or "avx512_bf16" not in cpu_kernels.available_isas(),
-        reason="bf16 span_attention needs a CPU with AVX512_BF16",
-    ),
-    id="bf16",
-)
-DTYPES = [BF16, pytest.param(torch.float32, id="fp32")]
-# Allowed error beyond twice torch's own SDPA's on the same inputs: an ulp of the output.
-SLACK = {torch.bfloat16: 2**-8, torch.float32: 2**-20}
+pytestmark = needs_flash_kernels("span_attention")
+DTYPES = flash_dtypes("span_attention")
+SLACK = FLASH_SLACK
 
 
 def _pool_rows(
